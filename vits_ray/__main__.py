@@ -1,0 +1,3 @@
+from vits_ray.cli import main
+
+main(prog_name="vits-ray")
