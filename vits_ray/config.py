@@ -253,7 +253,7 @@ class Config:
         return dump_toml(self.to_dict())
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
 # --- building from plain data -------------------------------------------------------------
