@@ -74,7 +74,6 @@ class ModelConfig:
     kernel_size_posterior_encoder: int = 5
     num_layers_posterior_encoder: int = 16
     num_layers_flow: int = 4
-    num_layers_dp_flow: int = 3
     use_sdp: bool = True
     resblock_type_decoder: Literal["1", "2"] = "1"
     resblock_kernel_sizes_decoder: tuple[int, ...] = (3, 7, 11)
@@ -85,7 +84,6 @@ class ModelConfig:
     periods_multi_period_discriminator: tuple[int, ...] = (2, 3, 5, 7, 11)
     # Number of spectrogram frames the decoder sees per utterance in training.
     spec_segment_size: int = 32
-    num_speakers: int = 0
 
     def validate(self, prefix: str) -> None:
         for name in ("hidden_channels", "hidden_channels_ffn_text_encoder", "num_heads_text_encoder",
@@ -99,7 +97,10 @@ class ModelConfig:
                f"{prefix}.upsample_kernel_sizes_decoder", "needs one kernel size per upsample rate")
         _check(len(self.resblock_kernel_sizes_decoder) == len(self.resblock_dilation_sizes_decoder),
                f"{prefix}.resblock_dilation_sizes_decoder", "needs one dilation list per resblock kernel size")
-        _check(self.num_speakers >= 0, f"{prefix}.num_speakers", "must be >= 0")
+        width = 3 if self.resblock_type_decoder == "1" else 2
+        _check(all(len(d) == width for d in self.resblock_dilation_sizes_decoder),
+               f"{prefix}.resblock_dilation_sizes_decoder",
+               f"resblock type {self.resblock_type_decoder} takes {width} dilations per kernel size")
 
     def upsample_factor(self) -> int:
         factor = 1
@@ -215,6 +216,12 @@ class StabilityConfig:
     max_rollbacks: int = 3
     rollback_window_steps: int = 5000
     min_amp_scale: float = 1.0
+    # This many non-finite steps in a row (NaN/inf loss or grad norm) escalate to a rollback. Above
+    # the handful of overflows a fresh GradScaler needs to calibrate at the start.
+    max_consecutive_nonfinite: int = 10
+    # The AMP scale decreasing this many times without growing, within this many steps, is a collapse.
+    amp_max_halvings: int = 10
+    amp_halving_window_steps: int = 1000
 
     def validate(self, prefix: str) -> None:
         _check(self.window >= 5, f"{prefix}.window", "must be >= 5")
@@ -227,6 +234,11 @@ class StabilityConfig:
         _check(self.calm_steps > 0, f"{prefix}.calm_steps", "must be positive")
         _check(self.max_rollbacks >= 1, f"{prefix}.max_rollbacks", "must be >= 1")
         _check(self.rollback_window_steps > 0, f"{prefix}.rollback_window_steps", "must be positive")
+        _check(self.warmup_steps_after_rollback >= 0, f"{prefix}.warmup_steps_after_rollback", "must be >= 0")
+        _check(self.min_amp_scale >= 0, f"{prefix}.min_amp_scale", "must be >= 0")
+        _check(self.max_consecutive_nonfinite >= 1, f"{prefix}.max_consecutive_nonfinite", "must be >= 1")
+        _check(self.amp_max_halvings >= 1, f"{prefix}.amp_max_halvings", "must be >= 1")
+        _check(self.amp_halving_window_steps > 0, f"{prefix}.amp_halving_window_steps", "must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
