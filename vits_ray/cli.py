@@ -5,7 +5,6 @@ Heavy imports (torch, ray, Coqui) happen inside each command so `--help` stays f
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -82,9 +81,94 @@ def demo_corpus(out_dir, count, seed) -> None:
     click.echo(f"wrote {count} utterances to {path}")
 
 
-def run() -> None:
+# --- data -------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--input", "input_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Corpus folder.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["ljspeech", "slr37"]), help="Corpus layout.")
+@click.option("--output", "output_uri", required=True, help="Local folder or s3://bucket/prefix.")
+@config_options()
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def prepare(input_dir, fmt, output_uri, config_path, overrides, quiet) -> None:
+    """Validate and normalise a corpus into Parquet shards and a manifest."""
+    from vits_ray.data.ingest import prepare_corpus
+
+    cfg = load_or_exit(config_path, overrides)
+    summary = prepare_corpus(Path(input_dir), fmt, output_uri, cfg, progress=not quiet)
+    click.echo(summary.format_text())
+    if summary.accepted == 0:
+        raise click.ClickException("no utterance was accepted; nothing to train on")
+
+
+# --- training -----------------------------------------------------------------------------
+
+def build_job(config_path, overrides, data, storage, name, workers, gpu, max_steps, init_from, drills,
+              cpus_per_worker=1):
+    from vits_ray.train import Drill, TrainJob, TrainSetupError
+
+    cfg = load_or_exit(config_path, overrides)
     try:
-        main()
-    except ConfigError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        parsed = tuple(Drill.parse(d) for d in drills)
+    except TrainSetupError as err:
+        raise click.UsageError(str(err)) from err
+    return TrainJob(config=cfg.to_dict(), data_uri=data, storage_uri=storage, name=name, workers=workers,
+                    use_gpu=gpu, max_steps=max_steps, init_from=init_from or "", drills=parsed,
+                    cpus_per_worker=cpus_per_worker)
+
+
+@main.command()
+@config_options()
+@click.option("--data", required=True, help="A `prepare` output: local folder or s3:// URI.")
+@click.option("--storage", required=True, help="Where runs live: local folder or s3://bucket/prefix.")
+@click.option("--name", required=True, help="Run name; launching again with the same name resumes.")
+@click.option("--workers", default=1, show_default=True, help="Ray Train workers (one per GPU).")
+@click.option("--gpu/--cpu", default=False, show_default=True, help="Train on GPUs or CPUs.")
+@click.option("--max-steps", default=0, show_default=True, help="Stop at this global step (0: train.epochs).")
+@click.option("--init-from", default=None, help="Coqui checkpoint folder (model.pth + config.json) to warm start from.")
+@click.option("--drill", "drills", multiple=True, metavar="nan@STEP|spike@STEP",
+              help="Rehearse the stability guard: poison a batch or spike the learning rate.")
+@click.option("--cpus-per-worker", default=1, show_default=True, help="CPU cores (and torch threads) per worker.")
+def train(config_path, overrides, data, storage, name, workers, gpu, max_steps, init_from, drills,
+          cpus_per_worker) -> None:
+    """Train Coqui's VITS with Ray Train; resume if the run exists."""
+    from vits_ray.train import TrainSetupError, run_training
+
+    job = build_job(config_path, overrides, data, storage, name, workers, gpu, max_steps, init_from, drills,
+                    cpus_per_worker)
+    try:
+        outcome = run_training(job)
+    except TrainSetupError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"run: {outcome.run_uri} (step {outcome.step})\nexport: {outcome.export_uri}")
+
+
+# --- report -------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("run")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder.")
+def report(run, out_dir) -> None:
+    """Analyse a run (STORAGE/NAME, a metrics.jsonl or a Coqui trainer log) into report.md/html and plots."""
+    from vits_ray.report import ReportError, write_report
+
+    try:
+        path = write_report(run, Path(out_dir))
+    except ReportError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"report: {path}")
+
+
+# --- the demo -----------------------------------------------------------------------------
+
+@main.command()
+@click.option("--out", "out_dir", default="demo-run", show_default=True, type=click.Path(file_okay=False))
+@click.option("--config", "config_path", default="tiny", show_default=True, help=CONFIG_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@click.option("--n", "count", default=40, show_default=True, help="Demo corpus size.")
+@click.option("--max-steps", default=40, show_default=True, help="Training steps.")
+def demo(out_dir, config_path, overrides, count, max_steps) -> None:
+    """The whole pipeline on the embedded demo corpus: corpus -> shards -> training -> report."""
+    from vits_ray.demo.pipeline import run_demo
+
+    run_demo(Path(out_dir), load_or_exit(config_path, overrides), n=count, max_steps=max_steps)
