@@ -202,8 +202,8 @@ class StorageConfig:
 @dataclass(frozen=True, kw_only=True)
 class StabilityConfig:
     enabled: bool = True
-    window: int = 50
-    min_history: int = 20
+    window: int = 200
+    min_history: int = 50
     # A generator loss above median + threshold_mads * MAD of its recent window is a spike.
     threshold_mads: float = 8.0
     # ... and it must also exceed the median by this fraction, so a flat curve's tiny MAD cannot trigger.
