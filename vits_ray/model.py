@@ -104,6 +104,7 @@ class WarmStartReport:
     partially_loaded: list[str] = field(default_factory=list)  # embedding rows of shared characters
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     global_step: int = 0
+    epoch: int = 0
 
     def format_text(self) -> str:
         lines = [f"warm start: {len(self.loaded)} tensors loaded, {len(self.partially_loaded)} partially, "
@@ -135,7 +136,8 @@ def warm_start(model: "Vits", checkpoint_path: Path, config_path: Path | None) -
     """
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     source = state.get("model", state)
-    report = WarmStartReport(global_step=int(state.get("step", state.get("global_step", 0)) or 0))
+    report = WarmStartReport(global_step=int(state.get("step", state.get("global_step", 0)) or 0),
+                             epoch=int(state.get("epoch", 0) or 0))
     old_symbols = None
     if config_path is not None and config_path.exists():
         old_symbols = read_coqui_vocab(json.loads(config_path.read_text(encoding="utf-8")))

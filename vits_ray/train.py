@@ -164,8 +164,8 @@ def train_worker(job_dict: dict[str, Any]) -> None:
         if job.init_from:
             model_path, config_path = _fetch_init_checkpoint(job.init_from, cfg.storage)
             warm_report = warm_start(model, model_path, config_path)
-            if cfg.train.keep_step:
-                progress.step = warm_report.global_step
+            if cfg.train.keep_step:  # continue the global step and the per-epoch decay
+                progress.step, progress.epoch = warm_report.global_step, warm_report.epoch
         # Same seed on every rank: identical initial weights without a broadcast; the data differs.
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed % 2**32)
