@@ -26,6 +26,7 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    first_epoch: int = 0  # where this run began (a continued Coqui run starts at its epoch)
     best_val_loss_mel: float = float("inf")
     best_step: int = -1
     guard: dict[str, Any] = field(default_factory=dict)

@@ -166,6 +166,7 @@ def train_worker(job_dict: dict[str, Any]) -> None:
             warm_report = warm_start(model, model_path, config_path)
             if cfg.train.keep_step:  # continue the global step and the per-epoch decay
                 progress.step, progress.epoch = warm_report.global_step, warm_report.epoch
+                progress.first_epoch = progress.epoch
         # Same seed on every rank: identical initial weights without a broadcast; the data differs.
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed % 2**32)
@@ -242,7 +243,7 @@ def train_worker(job_dict: dict[str, Any]) -> None:
     last_saved_step = progress.step if resumed is not None else -1
     means = _EpochMeans()
     finished = max_steps and progress.step >= max_steps
-    while not finished and progress.epoch < cfg.train.epochs:
+    while not finished and progress.epoch < progress.first_epoch + cfg.train.epochs:
         restart_epoch = False
         iterator = reader.iter_epoch(progress.epoch, progress.batch_in_epoch)
         started = time.perf_counter()
