@@ -250,7 +250,7 @@ def train_worker(job_dict: dict[str, Any]) -> None:
         for batch in iterator:
             loader_time = reader.loader_time
             step = progress.step + 1
-            drill = drills.get(step)
+            drill = drills.pop(step, None)  # a drill fires once, not again after a rollback
             if drill == "nan":
                 batch.waveform[0].fill_(float("nan"))
             if drill == "spike":
@@ -300,8 +300,8 @@ def train_worker(job_dict: dict[str, Any]) -> None:
                 restart_epoch = True
                 break
 
-            if step % cfg.train.val_step == 0 and rank == 0:
-                val = validate()
+            if step % cfg.train.val_step == 0:
+                val = validate() if rank == 0 else None
                 if val is not None:
                     logger.log(val)
                     if val["val_loss_mel"] < progress.best_val_loss_mel:
@@ -309,8 +309,8 @@ def train_worker(job_dict: dict[str, Any]) -> None:
                         with tempfile.TemporaryDirectory() as tmp:
                             export_coqui(model, cfg, vocab, Path(tmp), step)
                             run_store.upload_dir(tmp, "best")
-            progress.best_step, progress.best_val_loss_mel = dist_utils.broadcast(
-                (progress.best_step, progress.best_val_loss_mel))
+                progress.best_step, progress.best_val_loss_mel = dist_utils.broadcast(
+                    (progress.best_step, progress.best_val_loss_mel))
 
             finished = bool(max_steps) and step >= max_steps
             if save_now or finished:
