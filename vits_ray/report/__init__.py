@@ -1,0 +1,33 @@
+"""Results report of a training run: tables, computed phases, plots, as report.md / .html / .json.
+
+    write_report("runs/NAME", Path("out"))            # a run folder (or s3://bucket/prefix/NAME)
+    write_report("runs/NAME/metrics.jsonl", out)      # a bare metrics file
+    write_report("coqui_run/trainer_0_log.txt", out)  # a Coqui trainer log, or its run folder
+
+Pieces: `load` (records in), `analysis` (pure numbers), `plots` (PNGs), `render` (documents).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vits_ray.report.load import ReportError, RunData, load_run
+
+__all__ = ["ReportError", "RunData", "load_run", "write_report"]
+
+
+def write_report(source: str, out_dir: Path) -> Path:
+    """Analyse the run at `source` into `out_dir` (report.md, report.html, report.json, PNGs).
+
+    Returns the path of report.md. Raises `ReportError` for input that cannot be analysed.
+    """
+    from vits_ray.report.analysis import analyse
+    from vits_ray.report.plots import make_plots
+    from vits_ray.report.render import write_documents
+
+    run = load_run(str(source))
+    analysis = analyse(run)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = make_plots(analysis, out_dir)
+    return write_documents(analysis, figures, out_dir)

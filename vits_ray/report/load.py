@@ -1,0 +1,317 @@
+"""Read a run's records: our `metrics.jsonl` / `events.jsonl` (local or s3://), or a Coqui trainer log.
+
+Both become one `RunData` holding plain record dicts with the key names our trainer writes, so
+the analysis never needs to know where the numbers came from.
+
+Decisions worth knowing:
+- A torn *last* line (a crash mid-write; object stores rewrite whole files, local appends can tear)
+  is skipped with a warning that the report prints, provided every line before it parses. Any
+  other unparsable line is a `ReportError` naming the file and line: a damaged middle means the
+  file cannot be trusted.
+- A file with no step and no epoch records is a `ReportError`: there is nothing to analyse.
+- `RunLogger.event` also copies each event into metrics.jsonl (its `kind` is the event's kind);
+  events.jsonl, when present, is the authoritative list and those copies are not counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
+RECORD_KINDS = ("step", "epoch", "val", "checkpoint", "quality")
+EVENT_KINDS = ("nonfinite", "spike", "amp_collapse", "rollback", "lr_backoff", "cadence_unstable",
+               "cadence_calm", "warm_start", "event")
+
+
+class ReportError(ValueError):
+    """The run's records cannot be analysed; the message names the file (and line)."""
+
+
+@dataclass
+class RunData:
+    source: str
+    origin: str  # "vits-ray" or "coqui"
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    vals: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    quality: list[dict[str, Any]] = field(default_factory=list)
+    # None: no events file was found (and no event copies in metrics.jsonl); []: a file with none.
+    events: Optional[list[dict[str, Any]]] = None
+    events_origin: str = ""  # where `events` came from, in words
+    warnings: list[str] = field(default_factory=list)
+    # Our step_time spans the whole iteration, data wait included; Coqui's excludes loader_time.
+    step_time_includes_loader: bool = True
+
+
+# --- JSON lines --------------------------------------------------------------------------
+
+def parse_jsonl(text: str, name: str, warnings: list[str]) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; see the module docstring for torn and bad lines."""
+    lines = text.splitlines()
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    if not numbered:
+        raise ReportError(f"{name} is empty: no records to report on")
+    records = []
+    for pos, (lineno, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            last = pos == len(numbered) - 1
+            if last and records:
+                warnings.append(f"{name} line {lineno} is cut off mid-record ({err.msg}); it was skipped. "
+                                f"The {len(records)} lines before it parse.")
+                break
+            where = "its only record" if last else "a record before the end of the file"
+            raise ReportError(f"{name} line {lineno}: not valid JSON ({err.msg}); {where} is damaged, "
+                              f"so the file cannot be trusted") from None
+        if not isinstance(record, dict):
+            raise ReportError(f"{name} line {lineno}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def _float(x: Any) -> Any:
+    # events.jsonl writes non-finite floats as strings ("nan", "inf") to stay strict JSON.
+    if isinstance(x, str) and x.lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
+        return float(x)
+    return x
+
+
+def _split_records(records: list[dict[str, Any]], name: str, run: RunData) -> list[dict[str, Any]]:
+    """Sort records by kind into `run`; returns the event copies found in the metrics file."""
+    event_copies = []
+    unknown: dict[str, int] = {}
+    for record in records:
+        kind = record.get("kind")
+        if kind == "step":
+            run.steps.append(record)
+        elif kind == "epoch":
+            run.epochs.append(record)
+        elif kind == "val":
+            run.vals.append(record)
+        elif kind == "checkpoint":
+            run.checkpoints.append(record)
+        elif kind == "quality":
+            run.quality.append(record)
+        elif kind in EVENT_KINDS:
+            event_copies.append({k: _float(v) for k, v in record.items()})
+        else:
+            unknown[str(kind)] = unknown.get(str(kind), 0) + 1
+    if unknown:
+        run.warnings.append(f"{name}: ignored records of unknown kind: "
+                            + ", ".join(f"{k} ({n})" for k, n in sorted(unknown.items())))
+    if not run.steps and not run.epochs:
+        raise ReportError(f"{name} has no step or epoch records ({len(records)} records of other kinds); "
+                          "nothing to analyse")
+    return event_copies
+
+
+def _events_from(text: str, name: str, run: RunData) -> list[dict[str, Any]]:
+    if not text.strip():
+        return []
+    return [{k: _float(v) for k, v in r.items()} for r in parse_jsonl(text, name, run.warnings)]
+
+
+def load_jsonl_run(metrics_text: str, metrics_name: str, events_text: Optional[str],
+                   events_name: str) -> RunData:
+    run = RunData(source=metrics_name, origin="vits-ray")
+    copies = _split_records(parse_jsonl(metrics_text, metrics_name, run.warnings), metrics_name, run)
+    if events_text is not None:
+        run.events = _events_from(events_text, events_name, run)
+        run.events_origin = events_name
+    elif copies:
+        run.events = copies
+        run.events_origin = f"{metrics_name} (event records; there is no {EVENTS_FILE})"
+    return run
+
+
+# --- sources -----------------------------------------------------------------------------
+
+def _read_s3(uri: str) -> RunData:
+    from vits_ray.storage import StorageError, open_store
+
+    if uri.rstrip("/").endswith(".jsonl"):
+        folder, name = uri.rstrip("/").rsplit("/", 1)
+    else:
+        folder, name = uri.rstrip("/"), METRICS_FILE
+    try:
+        store = open_store(folder)
+        if not store.exists(name):
+            raise ReportError(f"{store.url(name)} not found: not a vits-ray run folder")
+        metrics = store.read_bytes(name).decode("utf-8")
+        events = store.read_bytes(EVENTS_FILE).decode("utf-8") if store.exists(EVENTS_FILE) else None
+    except StorageError as err:
+        raise ReportError(f"{uri}: cannot read the run: {err}") from err
+    return load_jsonl_run(metrics, store.url(name), events, store.url(EVENTS_FILE))
+
+
+def _coqui_log_in(folder: Path) -> Optional[Path]:
+    logs = sorted(folder.glob("trainer_*_log.txt")) or sorted(folder.glob("*/trainer_*_log.txt"))
+    if len(logs) > 1 and (folder / "trainer_0_log.txt").exists():
+        return folder / "trainer_0_log.txt"
+    return logs[-1] if logs else None  # one level down: the newest Coqui run folder (timestamped)
+
+
+def load_run(source: str) -> RunData:
+    """A run directory (local or s3://), a metrics.jsonl, a Coqui trainer log or Coqui run folder."""
+    if source.startswith("s3://"):
+        return _read_s3(source)
+    path = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
+    if path.is_dir():
+        if (path / METRICS_FILE).exists():
+            path = path / METRICS_FILE
+        else:
+            log = _coqui_log_in(path)
+            if log is None:
+                raise ReportError(f"{path}: neither {METRICS_FILE} nor a Coqui trainer_0_log.txt in it")
+            path = log
+    if not path.exists():
+        raise ReportError(f"{path} not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".txt" or (text.lstrip() and not text.lstrip().startswith("{")):
+        return parse_coqui_log(text, str(path))
+    events_path = path.parent / EVENTS_FILE
+    events = events_path.read_text(encoding="utf-8") if events_path.exists() else None
+    return load_jsonl_run(text, str(path), events, str(events_path))
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# --- Coqui trainer log (trainer_0_log.txt, coqui-tts-trainer 0.4) -------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EPOCH = re.compile(r"^\s*> EPOCH: (\d+)/(\d+)")
+_TRAIN_STEP = re.compile(r"--> TIME: (.+?) -- STEP: (\d+)/(\d+) -- GLOBAL_STEP: (\d+)")
+_EVAL_STEP = re.compile(r"^\s*--> STEP: (\d+)\s*$")
+_VALUE = re.compile(r"^\s*\| > ([\w\-]+):\s*(\S+)(?:\s+\((\S+?)\))?\s*$")
+_NUMBER = re.compile(r"^(?:tensor\()?([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf))",
+                     re.IGNORECASE)
+# Coqui's names -> ours.
+_RENAME = {"current_lr_0": "lr_0", "current_lr_1": "lr_1", "current_lr": "lr_1", "amp_scaler": "amp_scale"}
+
+
+def _number(text: str) -> Optional[float]:
+    m = _NUMBER.match(text.strip())
+    return float(m.group(1)) if m else None
+
+
+def _rename(key: str) -> str:
+    return _RENAME.get(key, key)
+
+
+def parse_coqui_log(text: str, name: str) -> RunData:
+    """Coqui trainer log -> the same records as metrics.jsonl.
+
+    - each `--> TIME: ... -- STEP: s/N -- GLOBAL_STEP: g` block is a step record with `step` = g as
+      printed (Coqui counts from 0) and the current values (`current_lr_i` -> `lr_i`,
+      `amp_scaler` -> `amp_scale`); the running averages in parentheses are kept per epoch;
+    - `--> EVAL PERFORMANCE` holds Coqui's eval averages when the epoch ran an evaluation: those
+      become a `val` record (`avg_loss_1` -> `val_loss_1`), and the epoch record is the training
+      running averages of the epoch's last printed step. Without an evaluation the block holds the
+      training averages of the whole epoch, which become the epoch record directly.
+    """
+    run = RunData(source=name, origin="coqui", step_time_includes_loader=False)
+    run.events_origin = "Coqui's trainer has no stability guard"
+    epoch = 0
+    block: Optional[str] = None  # "train", "eval_step", "eval_perf", None
+    current: dict[str, Any] = {}
+    train_avgs: dict[str, float] = {}
+    last_step_in_epoch = -1
+    eval_ran = False
+    eval_perf: dict[str, float] = {}
+    last_global = -1
+    lines = _ANSI.sub("", text).splitlines()
+
+    def close_block() -> None:
+        nonlocal block, current, eval_perf
+        if block == "train" and current:
+            run.steps.append(current)
+        elif block == "eval_perf" and eval_perf:
+            close_epoch(eval_perf)
+        block, current, eval_perf = None, {}, {}
+
+    def close_epoch(perf: Optional[dict[str, float]]) -> None:
+        nonlocal train_avgs, eval_ran, last_step_in_epoch
+        step = run.steps[-1]["step"] if run.steps else 0
+        if perf is not None and not eval_ran:
+            avgs = perf
+        else:
+            avgs = train_avgs
+            if perf is not None:
+                run.vals.append({"kind": "val", "step": step, "epoch": epoch,
+                                 **{"val_" + k[len("avg_"):]: v for k, v in perf.items() if k.startswith("avg_")}})
+        if avgs:
+            run.epochs.append({"kind": "epoch", "epoch": epoch, "step": step, "steps": last_step_in_epoch + 1,
+                               **{"avg_" + _rename(k[len("avg_"):]): v for k, v in avgs.items()
+                                  if k.startswith("avg_")}})
+        train_avgs, eval_ran, last_step_in_epoch = {}, False, -1
+
+    pending_epoch_close = False
+    for lineno, line in enumerate(lines, 1):
+        m = _EPOCH.match(line)
+        if m:
+            close_block()
+            if pending_epoch_close or train_avgs:
+                close_epoch(None)
+            pending_epoch_close = False
+            epoch = int(m.group(1))
+            continue
+        m = _TRAIN_STEP.search(line)
+        if m:
+            close_block()
+            block = "train"
+            global_step = int(m.group(4))
+            if global_step < last_global:
+                run.warnings.append(f"{name} line {lineno}: GLOBAL_STEP went back from {last_global} to "
+                                    f"{global_step} (the log holds more than one run; all are shown)")
+            last_global = global_step
+            last_step_in_epoch = int(m.group(2))
+            current = {"kind": "step", "step": global_step, "epoch": epoch, "step_in_epoch": int(m.group(2)),
+                       "steps_in_epoch": int(m.group(3)) + 1, "time_text": m.group(1)}
+            continue
+        if "> EVALUATION" in line:
+            close_block()
+            eval_ran = True
+            continue
+        if _EVAL_STEP.match(line):
+            close_block()
+            block = "eval_step"
+            continue
+        if "--> EVAL PERFORMANCE" in line:
+            close_block()
+            block = "eval_perf"
+            continue
+        if "> TRAINING (" in line:
+            close_block()
+            continue
+        m = _VALUE.match(line)
+        if m and block == "train":
+            value = _number(m.group(2))
+            if value is not None:
+                current[_rename(m.group(1))] = value
+            if m.group(3) is not None:
+                avg = _number(m.group(3))
+                if avg is not None:
+                    train_avgs["avg_" + m.group(1)] = avg
+        elif m and block == "eval_perf" and m.group(1).startswith("avg_"):
+            value = _number(m.group(2))
+            if value is not None:
+                eval_perf[m.group(1)] = value
+        elif block == "eval_perf" and line.strip() and not m:
+            close_block()
+    close_block()
+    if train_avgs:
+        close_epoch(None)  # an epoch cut short: its running averages so far
+    if not run.steps and not run.epochs:
+        raise ReportError(f"{name}: no Coqui training step blocks (`--> TIME: ... -- STEP:`) or epoch "
+                          "averages found; is this a Coqui trainer log?")
+    return run
