@@ -27,6 +27,9 @@ def s3_server():
     """Start moto once per session; yield its endpoint URL (http://127.0.0.1:PORT)."""
     from moto.server import ThreadedMotoServer
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -313,3 +313,25 @@ def test_assign_splits_rule():
         assert set(assign_splits(ids[:n], 0.01).values()) == {"train", "val"}
         assert set(assign_splits(ids[:n], 0.99).values()) == {"train", "val"}
     assert assign_splits(["only"], 0.5) in ({"only": "train"}, {"only": "val"})
+
+
+def test_process_pool_gives_the_same_bytes(ljspeech_corpus, tmp_path, monkeypatch):
+    import vits_ray.data.ingest as ingest
+
+    corpus, _ = ljspeech_corpus
+    prepare_corpus(corpus, "ljspeech", str(tmp_path / "serial"), _config(), progress=False)
+    monkeypatch.setattr(ingest, "POOL_MIN_BYTES", 0)  # force the pool on this small corpus
+    prepare_corpus(corpus, "ljspeech", str(tmp_path / "pool"), _config(), progress=False)
+    assert _files(open_store(str(tmp_path / "pool"))) == _files(open_store(str(tmp_path / "serial")))
+
+
+def test_trim_matches_librosa():
+    librosa = pytest.importorskip("librosa")
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n1, n2, n3 = rng.integers(1, 20000, 3)
+        y = np.concatenate([rng.normal(0, 1e-4, n1), 0.5 * np.sin(np.arange(n2) * 0.05),
+                            rng.normal(0, 10 ** -rng.uniform(1, 5), n3)]).astype(np.float32)
+        top_db = float(rng.uniform(10, 60))
+        _, (start, end) = librosa.effects.trim(y, top_db=top_db)
+        assert trim_bounds(y, top_db) == (int(start), int(end))

@@ -47,10 +47,16 @@ def trim_bounds(y: np.ndarray, top_db: float, frame: int = TRIM_FRAME, hop: int 
     """
     if y.size == 0:
         return 0, 0
-    padded = np.pad(y.astype(np.float64), frame // 2)
-    csum = np.concatenate(([0.0], np.cumsum(padded * padded)))
-    starts = np.arange(0, padded.size - frame + 1, hop)
-    power = (csum[starts + frame] - csum[starts]) / frame
+    assert frame % hop == 0, "frames are summed from whole hops"
+    # Centre-padded frames (librosa's center=True, zero padding) start at multiples of `hop`, so
+    # each frame's energy is the sum of frame // hop consecutive hop-sized blocks.
+    blocks_per_frame = frame // hop
+    padded = np.zeros(frame // 2 + y.size + frame, np.float32)
+    padded[frame // 2:frame // 2 + y.size] = y
+    n_blocks = padded.size // hop
+    block_energy = np.square(padded[:n_blocks * hop]).reshape(n_blocks, hop).sum(axis=1, dtype=np.float64)
+    n_frames = 1 + y.size // hop
+    power = sum(block_energy[k:k + n_frames] for k in range(blocks_per_frame)) / frame
     peak = power.max()
     if peak <= 0:
         return 0, 0

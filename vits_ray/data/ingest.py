@@ -29,7 +29,9 @@ At no moment does a manifest point at a missing or different shard.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import sys
@@ -39,7 +41,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from vits_ray.config import Config
 from vits_ray.data import shards
@@ -48,8 +50,8 @@ from vits_ray.data.formats import RawRecord, Rejection, read_corpus
 from vits_ray.storage import Store, open_store
 
 SPLITS = ("train", "val")
-# Below this many utterances a process pool costs more than it saves.
-MIN_UTTERANCES_FOR_POOL = 16
+# Below this much input audio (file bytes) a process pool costs more than it saves.
+POOL_MIN_BYTES = 8 << 20
 
 
 @dataclass
@@ -128,79 +130,105 @@ def _describe_chars(unsupported: list[tuple[int, str, str]], limit: int = 10) ->
     return ", ".join(parts) + more
 
 
-def _clean_one(args: tuple[str, AudioLimits]) -> CleanAudio | AudioProblem:
-    path, limits = args
-    return clean_audio(Path(path), limits)
+@dataclass(frozen=True)
+class _Checks:
+    limits: AudioLimits
+    allowed_extra_chars: str
+    add_blank: bool
 
 
-def _map_audio(paths: list[Path], limits: AudioLimits) -> Iterator[CleanAudio | AudioProblem]:
-    """clean_audio over `paths`, in order, on every available core."""
-    jobs = [(str(p), limits) for p in paths]
-    workers = min(len(os.sched_getaffinity(0)), 8)
-    if workers < 2 or len(jobs) < MIN_UTTERANCES_FOR_POOL:
-        yield from map(_clean_one, jobs)
-        return
-    import multiprocessing
+@functools.lru_cache(maxsize=4)
+def _allowed(extra: str, add_blank: bool):
+    from vits_ray.text import Vocabulary
 
-    # forkserver: no fork of a process that may run threads (tqdm's monitor, an S3 client's pool).
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["vits_ray.data.audio"])
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        yield from pool.map(_clean_one, jobs, chunksize=4)
+    return Vocabulary.full_bangla(extra, add_blank=add_blank)
 
 
-def _screen(records: Iterable[RawRecord | Rejection], allowed) -> tuple[list[tuple[RawRecord, str]], list[Rejection]]:
-    """Cheap checks before any audio is decoded: parse errors, duplicates, missing files, text."""
+def _check_one(args: tuple[RawRecord, _Checks]) -> tuple[str, CleanAudio] | Rejection:
+    """Text then audio checks for one record; runs in a worker process for large corpora."""
     from vits_ray.text import normalize_text
 
-    candidates: list[tuple[RawRecord, str]] = []
+    rec, checks = args
+    if not rec.audio_path.is_file():
+        return Rejection(rec.id, "missing_audio", f"{rec.audio_path.parent.name}/{rec.audio_path.name} not found",
+                         rec.line)
+    normalized = normalize_text(rec.text)
+    if not normalized.strip():
+        return Rejection(rec.id, "empty_text", f"transcript {rec.text!r} is empty after normalisation", rec.line)
+    bad = _allowed(checks.allowed_extra_chars, checks.add_blank).unsupported(normalized)
+    if bad:
+        return Rejection(rec.id, "unsupported_characters", _describe_chars(bad), rec.line)
+    audio = clean_audio(rec.audio_path, checks.limits)
+    if isinstance(audio, AudioProblem):
+        return Rejection(rec.id, audio.reason, audio.detail, rec.line)
+    return normalized, audio
+
+
+@contextlib.contextmanager
+def _mapper(records: list[RawRecord]) -> Iterator[Callable]:
+    """A `map` for _check_one: a process pool over all cores for large inputs, else the builtin.
+
+    Normalising and decoding run at ~1,000 s of audio per second per core, so a pool only pays
+    for itself beyond a few minutes of audio. The pool forks when this process runs no other
+    thread (cheap), else it uses a fork server (safe with threads, ~0.5 s slower to start).
+    """
+    workers = min(len(os.sched_getaffinity(0)), 8)
+    total_bytes = sum(r.audio_path.stat().st_size for r in records if r.audio_path.is_file())
+    if workers < 2 or total_bytes < POOL_MIN_BYTES:
+        yield map
+        return
+    import multiprocessing
+    import threading
+
+    if threading.active_count() == 1:
+        ctx = multiprocessing.get_context("fork")
+    else:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["vits_ray.data.audio", "vits_ray.text"])
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        yield functools.partial(pool.map, chunksize=4)
+
+
+def _unique(records: Iterable[RawRecord | Rejection]) -> tuple[list[RawRecord], list[Rejection]]:
+    """Parse errors and duplicate ids; the first line with an id wins."""
+    unique: list[RawRecord] = []
     rejections: list[Rejection] = []
     first_line: dict[str, int] = {}
     for item in records:
         if isinstance(item, Rejection):
             rejections.append(item)
-            continue
-        if item.id in first_line:
+        elif item.id in first_line:
             rejections.append(Rejection(item.id, "duplicate_id",
                                         f"line {item.line} repeats the id of line {first_line[item.id]}", item.line))
-            continue
-        first_line[item.id] = item.line
-        if not item.audio_path.is_file():
-            rejections.append(Rejection(item.id, "missing_audio",
-                                        f"{item.audio_path.parent.name}/{item.audio_path.name} not found", item.line))
-            continue
-        normalized = normalize_text(item.text)
-        if not normalized.strip():
-            rejections.append(Rejection(item.id, "empty_text",
-                                        f"transcript {item.text!r} is empty after normalisation", item.line))
-            continue
-        bad = allowed.unsupported(normalized)
-        if bad:
-            rejections.append(Rejection(item.id, "unsupported_characters", _describe_chars(bad), item.line))
-            continue
-        candidates.append((item, normalized))
-    return candidates, rejections
+        else:
+            first_line[item.id] = item.line
+            unique.append(item)
+    return unique, rejections
 
 
-def _process_audio(candidates: list[tuple[RawRecord, str]], limits: AudioLimits, spool: IO[bytes],
-                   progress: bool) -> tuple[list[_Accepted], list[Rejection]]:
+def _check_all(records: list[RawRecord], checks: _Checks, spool: IO[bytes],
+               progress: bool) -> tuple[list[_Accepted], list[Rejection]]:
+    """Check every record (in order, on all cores); accepted audio is appended to `spool`."""
     from tqdm import tqdm
 
     accepted: list[_Accepted] = []
     rejected: list[Rejection] = []
-    results = _map_audio([rec.audio_path for rec, _ in candidates], limits)
-    bar = tqdm(total=len(candidates), desc="prepare", unit="utt", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
-    with bar:
-        for (rec, normalized), result in zip(candidates, results):
-            bar.update(1)
-            if isinstance(result, AudioProblem):
-                rejected.append(Rejection(rec.id, result.reason, result.detail, rec.line))
-                continue
-            offset = spool.tell()
-            spool.write(result.pcm16)
-            accepted.append(_Accepted(rec.id, rec.speaker, rec.text, normalized, result.num_samples,
-                                      result.clipped_fraction, offset))
+    with _mapper(records) as mapper:
+        # The pool starts (forks) here, before tqdm's monitor thread exists.
+        results = mapper(_check_one, [(rec, checks) for rec in records])
+        bar = tqdm(total=len(records), desc="prepare", unit="utt", file=sys.stderr, disable=not progress,
+                   dynamic_ncols=True)
+        with bar:
+            for rec, result in zip(records, results):
+                bar.update(1)
+                if isinstance(result, Rejection):
+                    rejected.append(result)
+                    continue
+                normalized, audio = result
+                offset = spool.tell()
+                spool.write(audio.pcm16)
+                accepted.append(_Accepted(rec.id, rec.speaker, rec.text, normalized, audio.num_samples,
+                                          audio.clipped_fraction, offset))
     return accepted, rejected
 
 
@@ -233,7 +261,7 @@ def _write_output(store: Store, accepted: list[_Accepted], split_of: dict[str, s
             }
             entries.append(shards.write_shard(store, split, index, rows))
     manifest = {**manifest_base, "splits": split_stats, "shards": entries}
-    store.write_bytes(shards.VOCAB, shards.manifest_bytes(manifest["vocab"]))
+    store.write_bytes(shards.VOCAB, vocab.to_json().encode("utf-8"))
     store.write_bytes(shards.MANIFEST, shards.manifest_bytes(manifest))
     keep = {e["path"] for e in entries}
     for stale in store.list(shards.SHARD_DIR):
@@ -251,11 +279,12 @@ def prepare_corpus(input_dir: Path, fmt: str, output_uri: str, config: Config,
     input_dir = Path(input_dir)
     store = open_store(output_uri, config.storage)
     store.check()
-    allowed = Vocabulary.full_bangla(config.text.allowed_extra_chars, add_blank=config.text.add_blank)
+    allowed = _allowed(config.text.allowed_extra_chars, config.text.add_blank)
 
-    candidates, early = _screen(read_corpus(input_dir, fmt), allowed)
+    records, early = _unique(read_corpus(input_dir, fmt))
+    checks = _Checks(_limits(config), config.text.allowed_extra_chars, config.text.add_blank)
     with tempfile.TemporaryFile(prefix="vits-ray-prepare-") as spool:
-        accepted, late = _process_audio(candidates, _limits(config), spool, progress)
+        accepted, late = _check_all(records, checks, spool, progress)
         # Reported in transcript order; sorted() is stable, so one line's rejections keep their order.
         rejections = sorted(early + late, key=lambda r: r.line)
         by_reason = dict(sorted(Counter(r.reason for r in rejections).items()))

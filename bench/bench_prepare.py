@@ -1,0 +1,72 @@
+"""Throughput of `prepare`: seconds of audio per second of wall time, on the demo corpus.
+
+    .venv/bin/python bench/bench_prepare.py [--n 40] [--repeats 3]
+
+Targets: a local folder, and a moto S3 server on 127.0.0.1 (real boto3). The first run of each
+target includes the process pool's start-up; the best of `--repeats` runs is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vits_ray.config import Config  # noqa: E402
+from vits_ray.data.ingest import prepare_corpus  # noqa: E402
+from vits_ray.demo.corpus import write_demo_corpus  # noqa: E402
+
+
+def start_moto() -> str:
+    from moto.server import ThreadedMotoServer
+    import boto3
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+    return endpoint
+
+
+def measure(corpus: Path, uri: str, config: Config, repeats: int) -> list[tuple[float, float]]:
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        summary = prepare_corpus(corpus, "ljspeech", uri, config, progress=False)
+        runs.append((summary.accepted_seconds, time.perf_counter() - start))
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=40, help="demo corpus size (utterances)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    config = Config()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "demo"
+        write_demo_corpus(corpus, n=args.n, seed=0)
+        start_moto()
+        print(f"prepare on the demo corpus (n={args.n}), {len(os.sched_getaffinity(0))} CPU core(s)")
+        for name, uri in (("local folder", str(Path(tmp) / "out")), ("moto S3 on 127.0.0.1", "s3://bench/demo")):
+            runs = measure(corpus, uri, config, args.repeats)
+            audio = runs[0][0]
+            walls = [wall for _, wall in runs]
+            print(f"  {name:<22} {audio:7.1f} s of audio; first run {walls[0]:.2f} s "
+                  f"({audio / walls[0]:.1f} s/s), best {min(walls):.2f} s ({audio / min(walls):.1f} s/s)")
+
+
+if __name__ == "__main__":
+    main()
