@@ -108,10 +108,14 @@ def plot_curve(series: Series, path: Path, title: str, ylabel: str, phases: Opti
             if s.recovery_x is not None:
                 ax.axvspan(s.start_x, s.recovery_x, color="tab:red", alpha=0.08)
     marks += list(event_marks)
+    stacked: dict[float, int] = {}  # labels of marks at the same x go one above the other
     for m in marks:
         marker, color = STEP_EVENT_MARKS.get(m.kind, ("D", "gray"))
         ax.plot([m.x], [m.y], marker=marker, color=color, ms=9, ls="none")
-        ax.annotate(m.label, (m.x, m.y), textcoords="offset points", xytext=(5, 6), fontsize=8, color=color)
+        level = stacked.get(m.x, 0)
+        stacked[m.x] = level + 1
+        ax.annotate(m.label, (m.x, m.y), textcoords="offset points", xytext=(6, 6 + 11 * level), fontsize=8,
+                    color=color)
     ax.set_xlabel(series.per)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
