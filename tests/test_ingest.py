@@ -74,7 +74,9 @@ def _bad_and_good_entries(wavs: Path) -> tuple[list[tuple[str, str]], list[str]]
     for i in range(12):
         uid = f"good_{i:02d}"
         silence = np.zeros(int(0.25 * SR), np.float32)
-        _write(wavs / f"{uid}.wav", np.concatenate([silence, _tone(0.5 + 0.1 * i, seed=i), silence]))
+        loud = i in (3, 7)  # near full scale (but not clipped), so lossless storage is really tested
+        tone = _tone(0.5 + 0.1 * i, seed=i, amp=0.95 if loud else 0.3)
+        _write(wavs / f"{uid}.wav", np.concatenate([silence, tone, silence]))
         entries.append((uid, SENTENCES[i % len(SENTENCES)]))
         good.append(uid)
     stereo = np.stack([_tone(0.8, freq=200), _tone(0.8, freq=330, seed=1)], axis=1)
@@ -335,3 +337,11 @@ def test_trim_matches_librosa():
         top_db = float(rng.uniform(10, 60))
         _, (start, end) = librosa.effects.trim(y, top_db=top_db)
         assert trim_bounds(y, top_db) == (int(start), int(end))
+
+
+def test_demo_corpus_is_accepted_whole(demo_corpus_dir, tmp_path):
+    summary = prepare_corpus(demo_corpus_dir, "ljspeech", str(tmp_path / "out"), Config(), progress=False)
+    manifest, rows = _read_all(open_store(str(tmp_path / "out")))
+    assert manifest["rejected"] == [] and summary.rejected == 0
+    assert summary.accepted == len(rows) == 24
+    assert manifest["splits"]["val"]["utterances"] >= 1
