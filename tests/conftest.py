@@ -11,3 +11,31 @@ def demo_corpus_dir(tmp_path_factory) -> Path:
     from vits_ray.demo.corpus import write_demo_corpus
 
     return write_demo_corpus(tmp_path_factory.mktemp("demo_corpus"), n=24, seed=0)
+
+
+# The real S3-protocol server on 127.0.0.1 (moto) and a fresh bucket per test.
+from s3_fixtures import s3_server, s3_uri  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(demo_corpus_dir, tmp_path_factory) -> Path:
+    """The demo corpus through `prepare` with the tiny recipe: local shards, several train shards."""
+    from vits_ray.config import load_config
+    from vits_ray.data.ingest import prepare_corpus
+
+    out = tmp_path_factory.mktemp("shards")
+    cfg = load_config("tiny", ["data.rows_per_shard=8"])
+    summary = prepare_corpus(demo_corpus_dir, "ljspeech", str(out), cfg, progress=False)
+    assert summary.accepted >= 20
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster bound to loopback, shared by the session's training tests."""
+    import ray
+
+    # Ray 2.60 turns token authentication on for a new local cluster and writes the token itself.
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    yield
+    ray.shutdown()

@@ -71,6 +71,7 @@ def coqui_config(config: Config, vocab: "Vocabulary") -> "VitsConfig":
         characters=vocab.coqui_characters_config(),
         use_phonemes=False,
         text_cleaner=None,
+        enable_eos_bos_chars=False,  # our ids never carry EOS/BOS; Coqui's must match them
         add_blank=vocab.add_blank,
         lr_gen=optim.lr_gen,
         lr_disc=optim.lr_disc,

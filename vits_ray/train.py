@@ -399,7 +399,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # A new local cluster gets token authentication from Ray 2.60 itself (it writes the token);
+    # joining a cluster needs RAY_AUTH_TOKEN or the token file of that cluster.
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:

@@ -1,0 +1,127 @@
+"""Training on CPU with the tiny recipe, the demo corpus and a real local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vits_ray.config import load_config
+from vits_ray.train import Drill, TrainJob, TrainSetupError, run_training
+
+pytestmark = pytest.mark.slow
+
+STEP_KEYS = {"step", "epoch", "loss_0", "loss_1", "loss_disc", "loss_gen", "loss_kl", "loss_feat", "loss_mel",
+             "loss_duration", "grad_norm_0", "grad_norm_1", "lr_0", "lr_1", "amp_scale", "step_time",
+             "loader_time"}
+
+
+def job(shards, storage, name, *, overrides=(), **kwargs) -> TrainJob:
+    cfg = load_config("tiny", ["train.batch_size=2", *overrides])
+    return TrainJob(config=cfg.to_dict(), data_uri=str(shards), storage_uri=str(storage), name=name, **kwargs)
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def final_state(run_dir: Path) -> dict:
+    latest = sorted(run_dir.glob("checkpoint_*"))[-1]
+    return torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
+
+
+def test_one_worker_trains_logs_checkpoints_and_exports(prepared_demo, ray_local, tmp_path):
+    outcome = run_training(job(prepared_demo, tmp_path, "one", max_steps=6,
+                               overrides=["train.save_step=3", "train.val_step=3"]))
+    run = tmp_path / "one"
+    assert outcome.step == 6
+    steps = records(run, "step")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for r in steps:
+        assert STEP_KEYS <= set(r), STEP_KEYS - set(r)
+        assert all(math.isfinite(r[k]) for k in ("loss_0", "loss_1", "loss_mel", "grad_norm_1"))
+    assert records(run, "val"), "validation records missing"
+    checkpoints = records(run, "checkpoint")
+    assert [c["step"] for c in checkpoints] == [3, 6]
+    assert all(len(c["param_checksums"]) == 1 for c in checkpoints)
+    assert (run / "checkpoint_00000006" / "state.pt").exists()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "export" / "model.pth").exists() and (run / "export" / "config.json").exists()
+
+
+def test_export_loads_in_coquis_synthesizer(prepared_demo, ray_local, tmp_path):
+    from TTS.utils.synthesizer import Synthesizer
+
+    run_training(job(prepared_demo, tmp_path, "export", max_steps=2))
+    export = tmp_path / "export" / "export"
+    synthesizer = Synthesizer(tts_checkpoint=export / "model.pth", tts_config_path=export / "config.json")
+    wav = synthesizer.tts("আমার সোনার বাংলা")
+    assert len(wav) > 1000 and np.all(np.isfinite(wav))
+
+
+def test_two_workers_keep_identical_parameters(prepared_demo, ray_local, tmp_path):
+    run_training(job(prepared_demo, tmp_path, "two", workers=2, max_steps=4, overrides=["train.save_step=2"]))
+    checkpoints = records(tmp_path / "two", "checkpoint")
+    assert len(checkpoints) == 2
+    for c in checkpoints:
+        assert len(c["param_checksums"]) == 2
+        assert c["param_checksums"][0] == c["param_checksums"][1]
+
+
+def test_broken_gradient_sync_is_caught_by_checksums(prepared_demo, ray_local, tmp_path):
+    with pytest.raises(Exception, match="parameters differ across ranks"):
+        run_training(job(prepared_demo, tmp_path, "broken", workers=2, max_steps=2,
+                         fail_on_divergence_test=True))
+
+
+def test_resume_is_exact(prepared_demo, ray_local, tmp_path):
+    run_training(job(prepared_demo, tmp_path, "straight", max_steps=4))
+    run_training(job(prepared_demo, tmp_path, "split", max_steps=2))
+    run_training(job(prepared_demo, tmp_path, "split", max_steps=4))
+    straight, split = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    assert straight["progress"]["step"] == split["progress"]["step"] == 4
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    # the resumed run's metrics hold one history: steps 1..4 once each
+    assert [r["step"] for r in records(tmp_path / "split", "step")] == [1, 2, 3, 4]
+
+
+def test_checkpoints_on_s3_and_resume_from_there(prepared_demo, ray_local, s3_uri):
+    from vits_ray.storage import open_store
+
+    run_training(job(prepared_demo, s3_uri, "s3run", max_steps=2))
+    run_training(job(prepared_demo, s3_uri, "s3run", max_steps=3))
+    run = open_store(s3_uri).child("s3run")
+    keys = run.list()
+    assert any(k.startswith("checkpoint_00000002/") for k in keys)
+    assert any(k.startswith("checkpoint_00000003/") for k in keys)
+    steps = [json.loads(line)["step"] for line in run.read_bytes("metrics.jsonl").decode().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert steps == [1, 2, 3]
+    assert run.exists("export/model.pth")
+
+
+def test_bad_inputs_fail_before_workers_start(prepared_demo, tmp_path):
+    with pytest.raises(TrainSetupError, match="cannot read the data"):
+        run_training(job(tmp_path / "nowhere", tmp_path, "x"))
+    with pytest.raises(TrainSetupError, match="train shard"):
+        run_training(job(prepared_demo, tmp_path, "x", workers=64))
+    with pytest.raises(TrainSetupError, match="expected nan@STEP"):
+        Drill.parse("boom@3")
+
+
+def test_nan_drill_is_skipped_and_weights_stay_finite(prepared_demo, ray_local, tmp_path):
+    run_training(job(prepared_demo, tmp_path, "nan", max_steps=5, drills=(Drill("nan", 3),)))
+    steps = records(tmp_path / "nan", "step")
+    drilled = next(r for r in steps if r["step"] == 3)
+    assert drilled["skipped_0"] == 1 and drilled["skipped_1"] == 1
+    assert all(r["skipped_1"] == 0 for r in steps if r["step"] != 3)
+    state = final_state(tmp_path / "nan")
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    events = [json.loads(line) for line in (tmp_path / "nan" / "events.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "nonfinite" and e["step"] == 3 for e in events)
