@@ -422,6 +422,20 @@ def checkpoints_agree(run: RunData) -> tuple[int, int]:
     return agree, len(with_sums)
 
 
+def coqui_epoch_averages(run: RunData, key: str = "loss_1") -> list[tuple[int, float, float, float]]:
+    """(epoch, printed avg, mean of all steps, mean without the epoch's first step) for each epoch
+    whose every step is in the log. Coqui's `KeepAverage` starts its count at 0, so its printed
+    averages leave out the first step of each epoch; this shows by how much."""
+    out = []
+    for e in run.epochs:
+        rows = [r for r in run.steps if r.get("epoch") == e["epoch"] and finite(r.get(key))]
+        if len(rows) < 2 or not finite(e.get("avg_" + key)) or rows[0].get("steps_in_epoch") != len(rows):
+            continue
+        values = [float(r[key]) for r in rows]
+        out.append((int(e["epoch"]), float(e["avg_" + key]), statistics.fmean(values), statistics.fmean(values[1:])))
+    return out
+
+
 @dataclass
 class Analysis:
     run: RunData

@@ -88,7 +88,19 @@ def _overview(a: Analysis) -> list[Block]:
                      "and the rest) are computed from the step records (loss_1, loss_0, ...), per step.")
     if r.origin == "coqui":
         lines.append("Steps are Coqui's GLOBAL_STEP as printed (counted from 0). Epoch averages are Coqui's own "
-                     "running averages as printed in the log.")
+                     "running averages as printed in the log; with an evaluation they come from the epoch's last "
+                     "step block, and the EVAL PERFORMANCE averages are the validation records.")
+        from vits_ray.report.analysis import coqui_epoch_averages
+
+        checks = coqui_epoch_averages(r)
+        if checks:
+            epoch, printed, mean_all, mean_rest = checks[0]
+            lines.append(f"Coqui's running averages leave out the first step of each epoch (its KeepAverage starts "
+                         f"counting at 0): epoch {epoch} prints avg_loss_1 {fmt(printed, 4)}; the mean of all its "
+                         f"steps is {fmt(mean_all, 4)}, without the first {fmt(mean_rest, 4)}."
+                         if abs(printed - mean_rest) < abs(printed - mean_all) else
+                         f"Epoch {epoch} prints avg_loss_1 {fmt(printed, 4)}; the mean of all its steps is "
+                         f"{fmt(mean_all, 4)}.")
     blocks: list[Block] = [Heading("Overview"), Bullets(lines)]
     if r.warnings:
         blocks += [Heading("Warnings about the input", 3), Bullets(list(r.warnings))]
