@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from s3_fixtures import s3_server, s3_uri  # noqa: F401  (pytest fixtures)
 from vits_ray.report import ReportError, load_run, write_report
 from vits_ray.report.analysis import Series, analyse, analyse_phases
 from vits_ray.report.plots import make_plots, plot_curve
@@ -192,6 +193,20 @@ def test_event_copies_in_metrics_are_used_without_an_events_file(tmp_path):
         f.write(json.dumps({**GUARD_EVENTS[1]}) + "\n")
     data = load_run(str(run))
     assert [e["kind"] for e in data.events] == ["rollback"] and "metrics.jsonl" in data.events_origin
+
+
+def test_run_on_s3_is_read_through_the_store(s3_uri, tmp_path):
+    from vits_ray.storage import open_store
+
+    local = write_reference_run(tmp_path / "run", GUARD_EVENTS[:2])
+    store = open_store(s3_uri)
+    for name in ("metrics.jsonl", "events.jsonl"):
+        store.write_bytes(name, (local / name).read_bytes())
+    md = write_report(s3_uri, tmp_path / "out").read_text()
+    assert f"{s3_uri}/metrics.jsonl" in md and "2 event(s) from" in md
+    assert "| avg_loss_1 | avg_loss_1 per epoch | 68.87 | 27.73 |" in md
+    with pytest.raises(ReportError, match="not found"):
+        write_report(s3_uri + "-missing", tmp_path / "out2")
 
 
 # --- plots ----------------------------------------------------------------------------------
