@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import random
 import re
 import statistics
@@ -14,8 +13,8 @@ import pytest
 
 from s3_fixtures import s3_server, s3_uri  # noqa: F401  (pytest fixtures)
 from vits_ray.report import ReportError, load_run, write_report
-from vits_ray.report.analysis import Series, analyse, analyse_phases
-from vits_ray.report.plots import make_plots, plot_curve
+from vits_ray.report.analysis import Series, analyse_phases
+from vits_ray.report.plots import plot_curve
 
 DATA = Path(__file__).parent / "data"
 COQUI_LOG = DATA / "coqui_trainer_0_log.txt"
