@@ -31,8 +31,12 @@ def prepared_demo(demo_corpus_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray cluster bound to loopback, shared by the session's training tests."""
+def ray_local(s3_server):
+    """A real local Ray cluster bound to loopback, shared by the session's training tests.
+
+    Started after the S3 server so its workers inherit the endpoint and test credentials, as
+    workers of a real cluster get theirs from their environment.
+    """
     import ray
 
     # Ray 2.60 turns token authentication on for a new local cluster and writes the token itself.

@@ -31,7 +31,7 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 
 def final_state(run_dir: Path) -> dict:
-    latest = sorted(run_dir.glob("checkpoint_*"))[-1]
+    latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
     return torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
 
 

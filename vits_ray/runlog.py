@@ -79,13 +79,14 @@ class RunLogger:
             self.flush()
 
     def event(self, record: dict[str, Any]) -> None:
+        """A stability event: kept in events.jsonl, and copied into the metrics as kind "event"."""
         self.events.append(record)
-        self.metrics.append({"kind": "event", **record})
+        self.metrics.append({**record, "kind": "event", "event": record["kind"]})
 
     def flush(self) -> None:
         self.store.write_bytes(METRICS_FILE, _jsonl(self.metrics))
-        if self.events:
-            self.store.write_bytes(EVENTS_FILE, _jsonl(self.events))
+        # Written even when empty: "no events file" and "no events" say different things.
+        self.store.write_bytes(EVENTS_FILE, _jsonl(self.events))
         if self._tb is not None:
             self._tb.flush()
             self.store.upload_dir(self._tb_dir, "tensorboard")

@@ -342,7 +342,7 @@ def _export_final(run_store, model, cfg, vocab, progress) -> None:
             source = f"best model (step {progress.best_step}, val mel loss {progress.best_val_loss_mel:.3f})"
         else:
             export_coqui(model, cfg, vocab, Path(tmp), progress.step)
-            source = f"final weights (step {progress.step}; no validation split)"
+            source = f"final weights (step {progress.step}; no validation has run)"
         run_store.upload_dir(tmp, "export")
     print(f"[vits-ray] exported {source} to {run_store.url('export')}", flush=True)
 

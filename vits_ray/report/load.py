@@ -9,7 +9,7 @@ Decisions worth knowing:
   other unparsable line is a `ReportError` naming the file and line: a damaged middle means the
   file cannot be trusted.
 - A file with no step and no epoch records is a `ReportError`: there is nothing to analyse.
-- `RunLogger.event` also copies each event into metrics.jsonl (its `kind` is the event's kind);
+- `RunLogger.event` also copies each event into metrics.jsonl as `{"kind": "event", "event": <kind>}`;
   events.jsonl, when present, is the authoritative list and those copies are not counted twice.
 """
 
@@ -100,6 +100,9 @@ def _split_records(records: list[dict[str, Any]], name: str, run: RunData) -> li
             run.checkpoints.append(record)
         elif kind == "quality":
             run.quality.append(record)
+        elif kind == "event":
+            copy = {k: _float(v) for k, v in record.items() if k != "event"}
+            event_copies.append({**copy, "kind": record.get("event", "event")})
         elif kind in EVENT_KINDS:
             event_copies.append({k: _float(v) for k, v in record.items()})
         else:
