@@ -125,3 +125,91 @@ def test_nan_drill_is_skipped_and_weights_stay_finite(prepared_demo, ray_local, 
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     events = [json.loads(line) for line in (tmp_path / "nan" / "events.jsonl").read_text().splitlines()]
     assert any(e["kind"] == "nonfinite" and e["step"] == 3 for e in events)
+
+
+def _coqui_checkpoint_with_other_vocab(prepared_demo, folder: Path):
+    """A checkpoint saved by Coqui's own code for a vocabulary that differs from the corpus's."""
+    from trainer.io import save_checkpoint
+
+    from vits_ray.data.shards import read_manifest
+    from vits_ray.model import build_model, coqui_config
+    from vits_ray.storage import open_store
+    from vits_ray.text import Vocabulary
+
+    cfg = load_config("tiny")
+    vocab = Vocabulary.from_dict(read_manifest(open_store(str(prepared_demo)))["vocab"])
+    # Drop three of the corpus's letters and add one it does not use.
+    old_vocab = Vocabulary(characters="".join(sorted(set(vocab.characters[3:]) | {"ঋ"})),
+                           punctuations=vocab.punctuations)
+    old_model = build_model(cfg, old_vocab)
+    with torch.no_grad():  # recognisable rows: row i holds the value i
+        emb = old_model.text_encoder.emb.weight
+        emb.copy_(torch.arange(emb.shape[0], dtype=emb.dtype)[:, None].expand_as(emb))
+    folder.mkdir(parents=True, exist_ok=True)
+    coqui_cfg = coqui_config(cfg, old_vocab)
+    save_checkpoint(coqui_cfg, old_model, str(folder), current_step=845500, epoch=1342,
+                    optimizer=old_model.get_optimizer())
+    coqui_cfg.save_json(str(folder / "config.json"))
+    return cfg, vocab, old_vocab, old_model, folder / "checkpoint_845500.pth"
+
+
+def test_warm_start_copies_shared_characters_and_reports_the_rest(prepared_demo, tmp_path):
+    from vits_ray.model import build_model, warm_start
+
+    cfg, vocab, old_vocab, old_model, path = _coqui_checkpoint_with_other_vocab(prepared_demo, tmp_path / "coqui")
+    model = build_model(cfg, vocab)
+    fresh = model.text_encoder.emb.weight.detach().clone()
+    report = warm_start(model, path, path.parent / "config.json")
+    assert report.global_step == 845500 and report.epoch == 1342
+    assert "text_encoder.emb.weight" in report.partially_loaded
+    new_ids = {s: i for i, s in enumerate(model.tokenizer.characters.vocab)}
+    old_ids = {s: i for i, s in enumerate(old_model.tokenizer.characters.vocab)}
+    emb = model.text_encoder.emb.weight.detach()
+    for symbol, i in new_ids.items():
+        if symbol in old_ids:
+            assert torch.all(emb[i] == old_ids[symbol]), symbol
+        else:  # a character the checkpoint never saw keeps its initialisation
+            assert torch.equal(emb[i], fresh[i]), symbol
+    assert set(vocab.characters[:3]) - set(old_vocab.characters), "test needs characters the checkpoint lacks"
+    # every other tensor came over unchanged
+    assert torch.equal(model.state_dict()["dp.pre.weight"], old_model.state_dict()["dp.pre.weight"])
+
+
+def test_continuation_from_coqui_checkpoint_keeps_step_and_schedule(prepared_demo, ray_local, tmp_path):
+    cfg, *_, path = _coqui_checkpoint_with_other_vocab(prepared_demo, tmp_path / "coqui")
+    run_training(job(prepared_demo, tmp_path, "cont", max_steps=845502, init_from=str(path),
+                     overrides=["train.keep_step=true"]))
+    steps = records(tmp_path / "cont", "step")
+    assert [r["step"] for r in steps] == [845501, 845502]
+    assert math.isclose(steps[0]["lr_1"], 2e-4 * 0.999875 ** 1342, rel_tol=1e-9)
+    events = [json.loads(line) for line in (tmp_path / "cont" / "events.jsonl").read_text().splitlines()]
+    warm = next(e for e in events if e["kind"] == "warm_start")
+    assert "text_encoder.emb.weight" in warm["detail"]["partially_loaded"]
+
+
+def test_spike_drill_rolls_back_and_backs_off(prepared_demo, ray_local, tmp_path):
+    run_training(job(prepared_demo, tmp_path, "spike", max_steps=24, drills=(Drill("spike", 11),),
+                     overrides=["train.save_step=10", "train.val_step=1000"]))
+    run = tmp_path / "spike"
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert "spike" in kinds and "rollback" in kinds and "lr_backoff" in kinds, kinds
+    backoff = next(e for e in events if e["kind"] == "lr_backoff")
+    assert backoff["detail"]["restored_step"] == 10  # the checkpoint before the drill
+    steps = records(run, "step")
+    before = [r["loss_1"] for r in steps if r["step"] <= 10]
+    abandoned = [r for r in steps if r.get("rolled_back")]
+    assert abandoned and min(r["step"] for r in abandoned) == 11  # the drilled timeline, kept and tagged
+    after = [r for r in steps if r["step"] > 10 and not r.get("rolled_back")]
+    # the run goes on past the rollback with a lower learning rate ...
+    assert after and all(r["lr_1"] < 2e-4 for r in after)
+    # ... and the loss returns to its level before the drill
+    assert np.median([r["loss_1"] for r in after[-4:]]) < 1.3 * np.median(before)
+    assert (run / "export" / "model.pth").exists()
+
+
+def test_too_many_rollbacks_stop_the_run(prepared_demo, ray_local, tmp_path):
+    with pytest.raises(Exception, match="rollbacks within"):
+        run_training(job(prepared_demo, tmp_path, "loop", max_steps=30,
+                         drills=(Drill("spike", 11), Drill("spike", 15)),
+                         overrides=["train.save_step=10", "train.val_step=1000", "stability.max_rollbacks=1"]))

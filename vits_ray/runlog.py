@@ -38,8 +38,17 @@ class NullLogger:
     def log(self, record: dict[str, Any]) -> None:
         pass
 
+    def mark_rolled_back(self, restored_step: int) -> None:
+        pass
+
     def event(self, record: dict[str, Any]) -> None:
         pass
+
+    def mark_rolled_back(self, restored_step: int) -> None:
+        """Tag the records of the timeline a rollback abandoned (kept: they show the instability)."""
+        for record in self.metrics:
+            if record.get("kind") in ("step", "epoch", "val") and record["step"] > restored_step:
+                record["rolled_back"] = True
 
     def flush(self) -> None:
         pass
@@ -82,6 +91,12 @@ class RunLogger:
         """A stability event: kept in events.jsonl, and copied into the metrics as kind "event"."""
         self.events.append(record)
         self.metrics.append({**record, "kind": "event", "event": record["kind"]})
+
+    def mark_rolled_back(self, restored_step: int) -> None:
+        """Tag the records of the timeline a rollback abandoned (kept: they show the instability)."""
+        for record in self.metrics:
+            if record.get("kind") in ("step", "epoch", "val") and record["step"] > restored_step:
+                record["rolled_back"] = True
 
     def flush(self) -> None:
         self.store.write_bytes(METRICS_FILE, _jsonl(self.metrics))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -179,12 +180,12 @@ def train_worker(job_dict: dict[str, Any]) -> None:
         run_store.write_bytes("config.toml", cfg.to_toml().encode("utf-8"))
         run_store.write_bytes("vocab.json", json.dumps(manifest["vocab"], ensure_ascii=False, sort_keys=True).encode())
         if warm_report is not None:
-            print(warm_report.format_text(), flush=True)
+            _say(warm_report.format_text())
             logger.event({"step": progress.step, "kind": "warm_start", "detail": {
                 "loaded": len(warm_report.loaded), "partially_loaded": warm_report.partially_loaded,
                 "skipped": [f"{n}: {why}" for n, why in warm_report.skipped]}})
-        print(f"[vits-ray] {job.name}: {'resuming at step ' + str(progress.step) if resumed else 'starting'}"
-              f" on {world} worker(s), {device.type}, precision {precision.dtype or 'fp32'}", flush=True)
+        _say(f"[vits-ray] {job.name}: {'resuming at step ' + str(progress.step) if resumed else 'starting'}"
+              f" on {world} worker(s), {device.type}, precision {precision.dtype or 'fp32'}")
 
     pad_id = int(model.tokenizer.characters.pad_id)
     reader = ShardReader(data_store, manifest, "train", rank, world, seed=cfg.train.seed,
@@ -288,14 +289,15 @@ def train_worker(job_dict: dict[str, Any]) -> None:
             if step % cfg.train.log_step == 0:
                 logger.log(record)
                 if rank == 0:
-                    print(_progress_line(record), flush=True)
+                    _say(_progress_line(record))
                 ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
             if rollback:
                 progress = ckpt_io.restore(last_good, model, optimizers, scaler)
                 multiplier = guard.after_rollback(step, progress.step)  # raises past the budget
+                logger.mark_rolled_back(progress.step)
                 if rank == 0:
-                    print(f"[vits-ray] step {step}: instability ({', '.join(e['kind'] for e in events)}); "
-                          f"rolled back to step {progress.step}, learning rates x{multiplier:g}", flush=True)
+                    _say(f"[vits-ray] step {step}: instability ({', '.join(e['kind'] for e in events)}); "
+                          f"rolled back to step {progress.step}, learning rates x{multiplier:g}")
                 means = _EpochMeans()
                 restart_epoch = True
                 break
@@ -344,7 +346,13 @@ def _export_final(run_store, model, cfg, vocab, progress) -> None:
             export_coqui(model, cfg, vocab, Path(tmp), progress.step)
             source = f"final weights (step {progress.step}; no validation has run)"
         run_store.upload_dir(tmp, "export")
-    print(f"[vits-ray] exported {source} to {run_store.url('export')}", flush=True)
+    _say(f"[vits-ray] exported {source} to {run_store.url('export')}")
+
+
+def _say(message: str) -> None:
+    """One console line from a worker. Not `print`: Ray Train patches it to log each line twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def _progress_line(r: dict[str, Any]) -> str:
@@ -436,7 +444,9 @@ def run_training(job: TrainJob) -> TrainOutcome:
         run_config=ray.train.RunConfig(
             name=job.name, storage_path=base, storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
-            failure_config=ray.train.FailureConfig(max_failures=0)),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            # Our own progress line says what matters each step; Ray's per-report INFO lines drown it.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
     step = int((result.metrics or {}).get("step", 0))

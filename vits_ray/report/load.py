@@ -87,10 +87,13 @@ def _float(x: Any) -> Any:
 def _split_records(records: list[dict[str, Any]], name: str, run: RunData) -> list[dict[str, Any]]:
     """Sort records by kind into `run`; returns the event copies found in the metrics file."""
     event_copies = []
+    rolled_back = 0
     unknown: dict[str, int] = {}
     for record in records:
         kind = record.get("kind")
-        if kind == "step":
+        if record.get("rolled_back"):
+            rolled_back += 1  # a timeline abandoned by a rollback: the events tell its story
+        elif kind == "step":
             run.steps.append(record)
         elif kind == "epoch":
             run.epochs.append(record)
@@ -107,6 +110,9 @@ def _split_records(records: list[dict[str, Any]], name: str, run: RunData) -> li
             event_copies.append({k: _float(v) for k, v in record.items()})
         else:
             unknown[str(kind)] = unknown.get(str(kind), 0) + 1
+    if rolled_back:
+        run.warnings.append(f"{name}: {rolled_back} records from timelines abandoned by rollbacks are left "
+                            "out of the tables and curves (see the stability events)")
     if unknown:
         run.warnings.append(f"{name}: ignored records of unknown kind: "
                             + ", ".join(f"{k} ({n})" for k, n in sorted(unknown.items())))
