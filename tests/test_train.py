@@ -172,7 +172,10 @@ def test_warm_start_copies_shared_characters_and_reports_the_rest(prepared_demo,
             assert torch.equal(emb[i], fresh[i]), symbol
     assert set(vocab.characters[:3]) - set(old_vocab.characters), "test needs characters the checkpoint lacks"
     # every other tensor came over unchanged
-    assert torch.equal(model.state_dict()["dp.pre.weight"], old_model.state_dict()["dp.pre.weight"])
+    old_state = old_model.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name != "text_encoder.emb.weight":
+            assert torch.equal(tensor, old_state[name]), name
 
 
 def test_continuation_from_coqui_checkpoint_keeps_step_and_schedule(prepared_demo, ray_local, tmp_path):

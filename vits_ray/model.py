@@ -88,7 +88,7 @@ def build_model(config: Config, vocab: "Vocabulary") -> "Vits":
     from TTS.tts.models.vits import Vits
 
     torch.manual_seed(config.train.seed)
-    return Vits.init_from_config(coqui_config(config, vocab))
+    return Vits(coqui_config(config, vocab))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -246,9 +246,8 @@ def train_worker(job_dict: dict[str, Any]) -> None:
     finished = max_steps and progress.step >= max_steps
     while not finished and progress.epoch < progress.first_epoch + cfg.train.epochs:
         restart_epoch = False
-        iterator = reader.iter_epoch(progress.epoch, progress.batch_in_epoch)
-        started = time.perf_counter()
-        for batch in iterator:
+        for batch in reader.iter_epoch(progress.epoch, progress.batch_in_epoch):
+            compute_started = time.perf_counter()
             loader_time = reader.loader_time
             step = progress.step + 1
             drill = drills.pop(step, None)  # a drill fires once, not again after a rollback
@@ -264,6 +263,8 @@ def train_worker(job_dict: dict[str, Any]) -> None:
                     group["lr"] = lr
             result = gan_step(model, criteria, optimizers, scaler, to_device(batch), precision,
                               (cfg.optim.grad_clip_disc, cfg.optim.grad_clip_gen), grad_sync)
+            # Data wait plus compute; checkpoint and validation time is not a step's cost.
+            step_time = loader_time + time.perf_counter() - compute_started
             progress.step = step
             progress.batch_in_epoch += 1
             losses = result.losses
@@ -274,10 +275,9 @@ def train_worker(job_dict: dict[str, Any]) -> None:
             record = {"kind": "step", "step": step, "epoch": progress.epoch, "time": time.time(), **losses,
                       "grad_norm_0": result.grad_norm_0, "grad_norm_1": result.grad_norm_1,
                       "lr_0": lr_0, "lr_1": lr_1, "amp_scale": result.amp_scale,
-                      "step_time": time.perf_counter() - started, "loader_time": loader_time,
+                      "step_time": step_time, "loader_time": loader_time,
                       "skipped_0": int(result.skipped_0), "skipped_1": int(result.skipped_1),
                       "batch_size": len(batch), "audio_seconds": batch.num_samples / cfg.audio.sample_rate}
-            started = time.perf_counter()
             means.add(record)
 
             decision = guard.observe(step, record) if rank == 0 else None
@@ -290,9 +290,9 @@ def train_worker(job_dict: dict[str, Any]) -> None:
                 logger.log(record)
                 if rank == 0:
                     _say(_progress_line(record))
-                ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
             if rollback:
                 progress = ckpt_io.restore(last_good, model, optimizers, scaler)
+                spike_drill_until = -1  # the drill was part of the abandoned timeline
                 multiplier = guard.after_rollback(step, progress.step)  # raises past the budget
                 logger.mark_rolled_back(progress.step)
                 if rank == 0:
@@ -323,7 +323,10 @@ def train_worker(job_dict: dict[str, Any]) -> None:
         if restart_epoch:
             continue
         if not finished:
-            logger.log(means.record(progress.epoch, progress.step))
+            epoch_record = means.record(progress.epoch, progress.step)
+            logger.log(epoch_record)
+            # Ray gets the epoch means (a report is a barrier on all ranks: once an epoch, not a step).
+            ray.train.report({k: v for k, v in epoch_record.items() if k != "kind"})
             means = _EpochMeans()
             progress.epoch += 1
             progress.batch_in_epoch = 0
