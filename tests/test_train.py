@@ -53,6 +53,18 @@ def test_one_worker_trains_logs_checkpoints_and_exports(prepared_demo, ray_local
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "export" / "model.pth").exists() and (run / "export" / "config.json").exists()
 
+    # the report of this real run: plots exist, the table matches the metrics
+    from vits_ray.report import write_report
+
+    report_md = write_report(str(run), tmp_path / "report")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    summary = report["summary"]["avg_loss_1"]  # no full epoch yet: taken from the step records
+    assert summary["first"]["value"] == steps[0]["loss_1"] and summary["last"]["value"] == steps[-1]["loss_1"]
+    assert summary["min"]["value"] == min(r["loss_1"] for r in steps)
+    for png in ("generator_loss_steps.png", "grad_norms.png", "timing.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "No quality" in report_md.read_text() or "no quality" in report_md.read_text()
+
 
 def test_export_loads_in_coquis_synthesizer(prepared_demo, ray_local, tmp_path):
     from TTS.utils.synthesizer import Synthesizer
@@ -209,6 +221,16 @@ def test_spike_drill_rolls_back_and_backs_off(prepared_demo, ray_local, tmp_path
     # ... and the loss returns to its level before the drill
     assert np.median([r["loss_1"] for r in after[-4:]]) < 1.3 * np.median(before)
     assert (run / "export" / "model.pth").exists()
+
+    # the report shows the rollback and leaves the abandoned timeline out of its tables
+    from vits_ray.report import write_report
+
+    text = write_report(str(run), tmp_path / "report").read_text()
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert "rollback" in text
+    kept = [r for r in records(run, "epoch") if not r.get("rolled_back")]
+    assert report["summary"]["avg_loss_1"]["first"]["value"] == kept[0]["avg_loss_1"]
+    assert any("abandoned by rollbacks" in w for w in report["warnings"])
 
 
 def test_too_many_rollbacks_stop_the_run(prepared_demo, ray_local, tmp_path):
