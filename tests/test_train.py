@@ -118,11 +118,18 @@ def test_checkpoints_on_s3_and_resume_from_there(prepared_demo, ray_local, s3_ur
     assert run.exists("export/model.pth")
 
 
-def test_bad_inputs_fail_before_workers_start(prepared_demo, tmp_path):
+def test_bad_inputs_fail_before_workers_start(prepared_demo, s3_server, tmp_path):
+    with pytest.raises(TrainSetupError, match="storage s3://no-such-bucket/runs is not usable"):
+        run_training(job(prepared_demo, "s3://no-such-bucket/runs", "x"))
     with pytest.raises(TrainSetupError, match="cannot read the data"):
         run_training(job(tmp_path / "nowhere", tmp_path, "x"))
     with pytest.raises(TrainSetupError, match="train shard"):
         run_training(job(prepared_demo, tmp_path, "x", workers=64))
+    with pytest.raises(TrainSetupError, match="model.pth not found"):
+        run_training(job(prepared_demo, tmp_path, "x", init_from=str(tmp_path / "no-checkpoint")))
+    with pytest.raises(TrainSetupError, match="bad configuration"):
+        run_training(TrainJob(config={"optim": {"lr_gen": 5.0}}, data_uri=str(prepared_demo),
+                              storage_uri=str(tmp_path), name="x"))
     with pytest.raises(TrainSetupError, match="expected nan@STEP"):
         Drill.parse("boom@3")
 

@@ -81,15 +81,20 @@ class TrainJob:
 
 # --- the worker ---------------------------------------------------------------------------
 
-def _fetch_init_checkpoint(uri: str, storage_cfg) -> tuple[Path, Path | None]:
-    """A local copy of a Coqui checkpoint folder (model.pth + config.json) or a .pth file."""
+def _init_checkpoint_location(uri: str, storage_cfg):
+    """(store of the folder, checkpoint file name) for a Coqui checkpoint folder or .pth file."""
     from vits_ray.storage import open_store
 
     if uri.endswith(".pth"):
         folder, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
     else:
         folder, name = uri, "model.pth"
-    store = open_store(folder, storage_cfg)
+    return open_store(folder, storage_cfg), name
+
+
+def _fetch_init_checkpoint(uri: str, storage_cfg) -> tuple[Path, Path | None]:
+    """A local copy of a Coqui checkpoint (model.pth, or the named .pth) and its config.json."""
+    store, name = _init_checkpoint_location(uri, storage_cfg)
     local = Path(tempfile.mkdtemp(prefix="vits-ray-init-"))
     store.download_file(name, local / "model.pth")
     config_path = None
@@ -397,10 +402,14 @@ def preflight(job: TrainJob) -> dict[str, Any]:
     except StorageError as err:
         raise TrainSetupError(f"storage {job.storage_uri} is not usable: {err}") from err
     if job.init_from:
-        try:
-            _fetch_init_checkpoint(job.init_from, cfg.storage)
-        except (StorageError, OSError) as err:
+        try:  # existence only: the driver need not download a large checkpoint
+            store, name = _init_checkpoint_location(job.init_from, cfg.storage)
+            found = store.exists(name)
+        except (StorageError, OSError, ValueError) as err:
             raise TrainSetupError(f"--init-from {job.init_from}: {err}") from err
+        if not found:
+            raise TrainSetupError(f"--init-from {job.init_from}: {store.url(name)} not found "
+                                  "(give a Coqui checkpoint folder with model.pth + config.json, or a .pth file)")
     return manifest
 
 
