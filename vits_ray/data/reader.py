@@ -120,7 +120,13 @@ class ShardSource:
             return np.asarray(entry["row_num_samples"], dtype=np.int64)
         fs, base = self.store.arrow_filesystem()
         path = f"{base.rstrip('/')}/{entry['path']}" if base else entry["path"]
-        table = pq.read_table(path, columns=["num_samples"], filesystem=fs)
+        try:
+            table = pq.read_table(path, columns=["num_samples"], filesystem=fs)
+        except (pa.ArrowException, OSError):
+            # This column read skips the checksum; a damaged footer would otherwise surface as a bare
+            # Arrow error that names no shard. Fetch the whole shard to say which one and why.
+            self._verified(self.store.read_bytes(entry["path"]), entry)
+            raise
         return table.column("num_samples").to_numpy().astype(np.int64)
 
 
@@ -171,7 +177,8 @@ class ShardReader:
         """Batches `start`, `start + 1`, ... of `epoch`; shards before `start` are never read."""
         plan = self.plan(epoch)[start:]
         shard_sequence = list(dict.fromkeys(b.shard for b in plan))
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+        try:
             pending: dict[int, Future] = {}
             requested = 0  # shards of shard_sequence submitted so far
 
@@ -194,3 +201,7 @@ class ShardReader:
                                 [shard.pcm(r) for r in rows], self.pad_id)
                 self.loader_time = time.perf_counter() - started
                 yield batch
+        finally:
+            # A consumer that stops early (max_steps, val_batches) must not wait for shards it will
+            # never use: drop the queued prefetches, wait only for the one in flight.
+            pool.shutdown(wait=True, cancel_futures=True)

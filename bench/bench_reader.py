@@ -1,0 +1,190 @@
+"""The shard reader: loader wait per batch against a training step, and padding with bucketing.
+
+    .venv/bin/python bench/bench_reader.py [--n 80] [--rows-per-shard 32] [--steps 3]
+
+Everything runs on this machine: the demo corpus (espeak-ng) is prepared with the tiny recipe into
+a moto S3 server on 127.0.0.1 (real boto3 and pyarrow), and read back from there.
+
+1. Step: `gan_step` of the tiny model on the reader's first batches (one warm-up step, then
+   `--steps` timed ones), fp32 on CPU.
+2. Loader: `ShardReader.loader_time` for every batch of epochs 0 (fresh cache, so shards come from
+   S3) and 1 (the local cache), as in training. Between batches the script sleeps in place of the
+   step, for at most `--pause` seconds (shorter than a real step, so the prefetcher has less time
+   to hide the I/O than in training: the figure errs high). The first batch of epoch 0 waits for
+   the first shard with nothing to overlap; it is reported apart, the rest is steady state.
+   A back-to-back pass (no pause, fresh cache) gives the worst case.
+3. Padding: padded / total samples in the padded waveform tensors, over `--epochs` epochs of the
+   reader's plans, against random batches of the same rows with the same batch size.
+
+Prints figures; asserts nothing about timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vits_ray.config import load_config  # noqa: E402
+from vits_ray.data.ingest import prepare_corpus  # noqa: E402
+from vits_ray.data.reader import ShardReader  # noqa: E402
+from vits_ray.data.shards import read_manifest  # noqa: E402
+from vits_ray.demo.corpus import write_demo_corpus  # noqa: E402
+from vits_ray.storage import open_store  # noqa: E402
+from vits_ray.text import Vocabulary  # noqa: E402
+
+
+def start_moto() -> str:
+    """A moto S3 server on 127.0.0.1 with a `bench` bucket; dummy credentials for this process only."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
+        os.environ.pop(name, None)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+    return endpoint
+
+
+def p95(values: list[float]) -> float:
+    return float(np.percentile(values, 95))
+
+
+def padded_fraction(batches: list[list[int]]) -> float:
+    """`batches` holds the lengths (samples) of each batch's rows."""
+    total = sum(len(b) * max(b) for b in batches)
+    return (total - sum(sum(b) for b in batches)) / total
+
+
+def time_steps(cfg, vocab, batches) -> list[float]:
+    import torch
+
+    from vits_ray.model import build_model
+    from vits_ray.step import Precision, gan_step
+
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab)
+    criteria, optimizers = model.get_criterion(), model.get_optimizer()
+    precision = Precision.resolve("no", "cpu")
+    times = []
+    for batch in batches:
+        started = time.perf_counter()
+        formatted = model.format_batch_on_device(model.format_batch(batch.to_coqui("cpu")))
+        gan_step(model, criteria, optimizers, None, formatted, precision, (1000.0, 1000.0))
+        times.append(time.perf_counter() - started)
+    return times[1:]  # the first step pays one-off set-up costs
+
+
+def read_epochs(make_reader, epochs: list[int], pause: float) -> list[tuple[int, int, float]]:
+    """(epoch, batch index, loader_time) for each batch, sleeping `pause` s where a step would run."""
+    reader = make_reader()
+    out = []
+    for epoch in epochs:
+        for index, _ in enumerate(reader.iter_epoch(epoch)):
+            out.append((epoch, index, reader.loader_time))
+            time.sleep(pause)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=80, help="demo corpus size (at most 88)")
+    parser.add_argument("--rows-per-shard", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="timed gan_step calls (after one warm-up)")
+    parser.add_argument("--pause", type=float, default=0.5, help="longest sleep standing in for a step (s)")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of plans for the padding figures")
+    args = parser.parse_args()
+
+    start_moto()
+    cfg = load_config("tiny", [f"data.rows_per_shard={args.rows_per_shard}"])
+    work = Path(tempfile.mkdtemp(prefix="bench-reader-"))
+    corpus = write_demo_corpus(work / "corpus", n=args.n, seed=0)
+    uri = "s3://bench/data"
+    summary = prepare_corpus(corpus, "ljspeech", uri, cfg, progress=False)
+    store = open_store(uri)
+    manifest = read_manifest(store)
+    vocab = Vocabulary.from_dict(manifest["vocab"])
+    sr = int(manifest["sample_rate"])
+    caches = iter(range(1000))
+
+    def make_reader() -> ShardReader:  # a fresh cache each time: epoch 0 downloads from S3
+        return ShardReader(store, manifest, "train", 0, 1, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
+                           max_batch_seconds=cfg.train.max_batch_seconds, pad_id=vocab.pad_id,
+                           cache_dir=str(work / f"cache{next(caches)}"), prefetch=cfg.data.prefetch_shards)
+
+    reader = make_reader()
+    train_shards = len(reader.source.entries)
+    print(f"corpus: {summary.splits.get('train', 0)} train utterances ({summary.accepted_seconds:.0f} s of audio), "
+          f"{train_shards} train shards of <= {args.rows_per_shard} rows on moto S3; batch_size "
+          f"{cfg.train.batch_size}, max_batch_seconds {cfg.train.max_batch_seconds}, "
+          f"{reader.batches_per_epoch(0)} batches/epoch, prefetch {cfg.data.prefetch_shards}")
+
+    # 1. training step on the batches the reader serves first
+    first = []
+    for batch in reader.iter_epoch(0):
+        first.append(batch)
+        if len(first) == args.steps + 1:
+            break
+    steps = time_steps(cfg, vocab, first)
+    step_mean = statistics.mean(steps)
+
+    # 2. loader wait, with a pause standing in for the step, then back to back
+    pause = min(step_mean, args.pause)
+    paced = read_epochs(make_reader, [0, 1], pause)
+    cold = paced[0][2]
+    steady = [t for (e, i, t) in paced if (e, i) != (0, 0)]
+    from_s3 = [t for (e, i, t) in paced if e == 0 and i > 0]
+    cached = [t for (e, i, t) in paced if e == 1]
+    burst = [t for (e, i, t) in read_epochs(make_reader, [0], 0.0)[1:]]
+
+    # 3. padding: the reader's plans against random batches of the same rows
+    lengths = reader.shard_lengths
+    bucketed, shuffled = [], []
+    for epoch in range(args.epochs):
+        plan = reader.plan(epoch)
+        bucketed += [[int(lengths[b.shard][r]) for r in b.rows] for b in plan]
+        rows = np.array([int(lengths[b.shard][r]) for b in plan for r in b.rows])
+        np.random.default_rng([7, epoch]).shuffle(rows)
+        shuffled += [rows[i: i + cfg.train.batch_size].tolist() for i in range(0, len(rows), cfg.train.batch_size)]
+    served = [list(map(int, b.waveform_lens)) for b in reader.iter_epoch(0)]
+    assert served == bucketed[: len(served)], "plan and served batches disagree"  # not a timing assertion
+
+    ms = 1000.0
+    print()
+    print(f"{'figure':<52} {'value':>12} {'of a step':>10}")
+    print(f"{'tiny gan_step, fp32 CPU, mean of ' + str(len(steps)):<52} {step_mean * ms:>9.0f} ms")
+    print(f"{'  (each step)':<52} {' '.join(f'{t * ms:.0f}' for t in steps):>12}")
+    rows = [
+        ("loader, first batch of the run (cold, from S3)", cold),
+        (f"loader, steady state, mean ({len(steady)} batches)", statistics.mean(steady)),
+        ("loader, steady state, p95", p95(steady)),
+        ("  epoch 0 (shards from S3), mean", statistics.mean(from_s3)),
+        ("  epoch 1 (local cache), mean", statistics.mean(cached)),
+        ("loader, back to back (no overlap), mean", statistics.mean(burst)),
+        ("loader, back to back (no overlap), p95", p95(burst)),
+    ]
+    for label, value in rows:
+        print(f"{label:<52} {value * ms:>9.2f} ms {100 * value / step_mean:>9.3f}%")
+    print(f"{'padded fraction, bucketed (this reader)':<52} {100 * padded_fraction(bucketed):>11.1f}%")
+    print(f"{'padded fraction, random batches, same rows and size':<52} {100 * padded_fraction(shuffled):>11.1f}%")
+    print(f"\n(paced run: {pause:.2f} s sleep between batches; padding over {args.epochs} epochs, "
+          f"{len(bucketed)} batches; sample rate {sr} Hz)")
+
+
+if __name__ == "__main__":
+    main()
