@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -184,6 +185,7 @@ def main() -> None:
     print(f"{'padded fraction, random batches, same rows and size':<52} {100 * padded_fraction(shuffled):>11.1f}%")
     print(f"\n(paced run: {pause:.2f} s sleep between batches; padding over {args.epochs} epochs, "
           f"{len(bucketed)} batches; sample rate {sr} Hz)")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
