@@ -61,7 +61,9 @@ def test_one_worker_trains_logs_checkpoints_and_exports(prepared_demo, ray_local
     summary = report["summary"]["avg_loss_1"]  # no full epoch yet: taken from the step records
     assert summary["first"]["value"] == steps[0]["loss_1"] and summary["last"]["value"] == steps[-1]["loss_1"]
     assert summary["min"]["value"] == min(r["loss_1"] for r in steps)
-    for png in ("generator_loss_steps.png", "grad_norms.png", "timing.png"):
+    files = [f["file"] for f in report["figures"]]
+    assert "generator_loss.png" in files and "grad_norms.png" in files and "timing.png" in files, files
+    for png in files:
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert "No quality" in report_md.read_text() or "no quality" in report_md.read_text()
 
