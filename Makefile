@@ -26,7 +26,9 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_prepare.py
+	$(PY) bench/bench_reader.py
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,45 @@
+"""The `vits-ray` command line: subcommands exist, have help, and call the library."""
+
+import json
+
+from click.testing import CliRunner
+
+from vits_ray.cli import main
+
+SUBCOMMANDS = ("config", "text", "demo-corpus", "prepare", "train", "report", "demo")
+
+
+def test_help_lists_every_subcommand_and_each_has_help():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for name in SUBCOMMANDS:
+        assert name in result.output
+        sub = CliRunner().invoke(main, [name, "--help"])
+        assert sub.exit_code == 0 and "Usage:" in sub.output, name
+
+
+def test_text_prints_normalised_text_and_ids():
+    result = CliRunner().invoke(main, ["text", "আমার ১২৩ টাকা"])
+    assert result.exit_code == 0, result.output
+    assert "একশো তেইশ" in result.output and "token_ids: [" in result.output
+
+
+def test_text_reports_an_unknown_character():
+    result = CliRunner().invoke(main, ["text", "আমার x"])
+    assert result.exit_code != 0 and "LATIN SMALL LETTER X" in result.output
+
+
+def test_prepare_from_the_command_line(demo_corpus_dir, tmp_path):
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(main, ["prepare", "--input", str(demo_corpus_dir), "--format", "ljspeech",
+                                       "--output", str(out), "--config", "tiny", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "accepted" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_utterances"] == 24
+
+
+def test_train_rejects_a_bad_drill_before_anything_runs(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--storage", str(tmp_path),
+                                       "--name", "x", "--drill", "boom@1"])
+    assert result.exit_code != 0 and "nan@STEP" in result.output
