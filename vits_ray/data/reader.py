@@ -90,8 +90,12 @@ class ShardSource:
         self.store = store
         self.entries = shard_entries
         self.remote = store.uri.startswith("s3://")
-        self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="vits-ray-shards-")
-        os.makedirs(self.cache_dir, exist_ok=True)
+        # Local shards are read in place; only remote ones are cached (by checksum, so two readers
+        # of the same data share a cache folder safely).
+        self.cache_dir = ""
+        if self.remote:
+            self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="vits-ray-shards-")
+            os.makedirs(self.cache_dir, exist_ok=True)
 
     def _verified(self, data: bytes, entry: dict) -> bytes:
         digest = hashlib.sha256(data).hexdigest()
