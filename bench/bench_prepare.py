@@ -19,28 +19,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vits_ray.config import Config  # noqa: E402
 from vits_ray.data.ingest import prepare_corpus  # noqa: E402
+from local_s3 import start_moto  # noqa: E402
 from vits_ray.demo.corpus import write_demo_corpus  # noqa: E402
-
-
-def start_moto() -> str:
-    from moto.server import ThreadedMotoServer
-    import boto3
-
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
-    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-    return endpoint
 
 
 def replicate(corpus: Path, copies: int, out: Path) -> Path:

@@ -22,8 +22,6 @@ Prints figures; asserts nothing about timing.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import shutil
 import statistics
 import sys
@@ -34,32 +32,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vits_ray.config import load_config  # noqa: E402
 from vits_ray.data.ingest import prepare_corpus  # noqa: E402
 from vits_ray.data.reader import ShardReader  # noqa: E402
 from vits_ray.data.shards import read_manifest  # noqa: E402
+from local_s3 import start_moto  # noqa: E402
 from vits_ray.demo.corpus import write_demo_corpus  # noqa: E402
 from vits_ray.storage import open_store  # noqa: E402
 from vits_ray.text import Vocabulary  # noqa: E402
-
-
-def start_moto() -> str:
-    """A moto S3 server on 127.0.0.1 with a `bench` bucket; dummy credentials for this process only."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
-        os.environ.pop(name, None)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-    return endpoint
 
 
 def p95(values: list[float]) -> float:
