@@ -1,6 +1,6 @@
 """A real S3-protocol server (moto) on 127.0.0.1 for tests: real boto3 and pyarrow, no patched clients.
 
-Use from a test module with `from s3_fixtures import s3_server, s3_uri` (tests/ is on sys.path).
+tests/conftest.py imports them, so every test module gets the same session server.
 """
 
 from __future__ import annotations

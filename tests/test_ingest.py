@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from s3_fixtures import s3_server, s3_uri  # noqa: F401  (pytest fixtures)
 
 from vits_ray.config import Config, replace
 from vits_ray.data.audio import trim_bounds

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from s3_fixtures import s3_server, s3_uri  # noqa: F401  (pytest fixtures)
 from vits_ray.report import ReportError, load_run, write_report
 from vits_ray.report.analysis import Series, analyse_phases
 from vits_ray.report.plots import plot_curve

@@ -7,7 +7,6 @@ import pickle
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from s3_fixtures import s3_server, s3_uri  # noqa: F401  (pytest fixtures)
 
 from vits_ray.config import StorageConfig
 from vits_ray.storage import LocalStore, S3Store, StorageError, open_store

@@ -6,7 +6,6 @@ This module knows Coqui and torch, nothing of Ray or storage: callers hand it lo
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,9 +19,6 @@ if TYPE_CHECKING:
     from TTS.tts.models.vits import Vits
 
     from vits_ray.text import Vocabulary
-
-log = logging.getLogger(__name__)
-
 
 def coqui_config(config: Config, vocab: "Vocabulary") -> "VitsConfig":
     """The Coqui `VitsConfig` equivalent to our config, with the corpus vocabulary.
@@ -117,7 +113,6 @@ class WarmStartReport:
 
 def read_coqui_vocab(coqui_cfg: dict[str, Any]) -> list[str] | None:
     """The id -> symbol list of a Coqui config's character set, as Coqui's tokenizer builds it."""
-    from coqpit import Coqpit  # noqa: F401  (Coqui configs need it importable)
     from TTS.tts.configs.vits_config import VitsConfig
     from TTS.tts.utils.text.tokenizer import TTSTokenizer
 

@@ -44,12 +44,6 @@ class NullLogger:
     def event(self, record: dict[str, Any]) -> None:
         pass
 
-    def mark_rolled_back(self, restored_step: int) -> None:
-        """Tag the records of the timeline a rollback abandoned (kept: they show the instability)."""
-        for record in self.metrics:
-            if record.get("kind") in ("step", "epoch", "val") and record["step"] > restored_step:
-                record["rolled_back"] = True
-
     def flush(self) -> None:
         pass
 
@@ -85,7 +79,7 @@ class RunLogger:
                     if math.isfinite(value):
                         self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
         if time.monotonic() - self._last_flush > self.flush_seconds:
-            self.flush()
+            self._write_records()
 
     def event(self, record: dict[str, Any]) -> None:
         """A stability event: kept in events.jsonl, and copied into the metrics as kind "event"."""
@@ -98,14 +92,19 @@ class RunLogger:
             if record.get("kind") in ("step", "epoch", "val") and record["step"] > restored_step:
                 record["rolled_back"] = True
 
-    def flush(self) -> None:
+    def _write_records(self) -> None:
         self.store.write_bytes(METRICS_FILE, _jsonl(self.metrics))
         # Written even when empty: "no events file" and "no events" say different things.
         self.store.write_bytes(EVENTS_FILE, _jsonl(self.events))
+        self._last_flush = time.monotonic()
+
+    def flush(self) -> None:
+        """Records and TensorBoard files to storage (at checkpoints and at the end; the timer
+        rewrites only the small record files, not the whole TensorBoard folder)."""
+        self._write_records()
         if self._tb is not None:
             self._tb.flush()
             self.store.upload_dir(self._tb_dir, "tensorboard")
-        self._last_flush = time.monotonic()
 
     def close(self) -> None:
         if self._tb is not None:

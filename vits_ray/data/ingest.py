@@ -75,7 +75,7 @@ class PrepareSummary:
             f"prepared {self.output_uri}",
             f"  accepted  {self.accepted} utterances, {self.hours:.3f} h of audio "
             f"({self.accepted_seconds:.1f} s), {self.num_speakers} speaker(s)",
-            f"  splits    " + ", ".join(f"{name} {count}" for name, count in self.splits.items()),
+            "  splits    " + ", ".join(f"{name} {count}" for name, count in self.splits.items()),
             f"  shards    {self.num_shards}",
             f"  rejected  {self.rejected}",
         ]
