@@ -1,6 +1,6 @@
-"""The shard reader: loader wait per batch against a training step, and padding with bucketing.
+"""The shard reader: loader wait per batch against a training step, padding, and the epoch plan at scale.
 
-    .venv/bin/python bench/bench_reader.py [--n 80] [--rows-per-shard 32] [--steps 3]
+    .venv/bin/python bench/bench_reader.py [--n 80] [--rows-per-shard 32] [--steps 3] [--plans-only]
 
 Everything runs on this machine: the demo corpus (espeak-ng) is prepared with the tiny recipe into
 a moto S3 server on 127.0.0.1 (real boto3 and pyarrow), and read back from there.
@@ -15,6 +15,15 @@ a moto S3 server on 127.0.0.1 (real boto3 and pyarrow), and read back from there
    A back-to-back pass (no pause, fresh cache) gives the worst case.
 3. Padding: padded / total samples in the padded waveform tensors, over `--epochs` epochs of the
    reader's plans, against random batches of the same rows with the same batch size.
+4. Plans at scale (plans only, no shards are written or read): a simulated reference-sized
+   manifest (79 train shards of 256 rows, lengths 1-15 s at 22050 Hz, batch 32, max_batch_seconds
+   300) planned for 8, 16, 32 and 48 workers. Per world size: utterances per epoch, utterances
+   the plan drops (the ids no rank's own batches cover; must be 0), the same for the previous
+   plan (whole shards dealt round-robin, every rank cut to the shortest; reimplemented here as
+   `old_plan_dropped`), wrapped fill-in batches, and shard reads per rank (what `iter_epoch`
+   fetches, fill-ins included; and the shards of the rank's own batches alone) against the ideal
+   79 / world, and the padded fraction against the old per-shard bucketing. `--plans-only` prints
+   just this.
 
 Prints figures; asserts nothing about timing.
 """
@@ -36,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vits_ray.config import load_config  # noqa: E402
 from vits_ray.data.ingest import prepare_corpus  # noqa: E402
-from vits_ray.data.reader import ShardReader  # noqa: E402
+from vits_ray.data.reader import (BUCKET_SECONDS, ShardReader, pack_batches, plan_global_epoch,  # noqa: E402
+                                  rank_share, shard_reads)
 from vits_ray.data.shards import read_manifest  # noqa: E402
 from local_s3 import start_moto  # noqa: E402
 from vits_ray.demo.corpus import write_demo_corpus  # noqa: E402
@@ -84,6 +94,91 @@ def read_epochs(make_reader, epochs: list[int], pause: float) -> list[tuple[int,
     return out
 
 
+REFERENCE_SHARDS, REFERENCE_ROWS, REFERENCE_RATE = 79, 256, 22050
+REFERENCE_BATCH, REFERENCE_MAX_BATCH_SECONDS = 32, 300.0
+
+
+def simulated_lengths(seed: int = 0) -> list[np.ndarray]:
+    """Per-shard utterance lengths (samples) of a reference-sized corpus: log-normal around 6 s, 1-15 s."""
+    rng = np.random.default_rng(seed)
+    seconds = np.clip(rng.lognormal(np.log(6.0), 0.5, (REFERENCE_SHARDS, REFERENCE_ROWS)), 1.0, 15.0)
+    return [np.round(row * REFERENCE_RATE).astype(np.int64) for row in seconds]
+
+
+def old_plan_dropped(lengths: list[np.ndarray], world: int, seed: int, epoch: int, batch_size: int,
+                     max_batch_samples: int, bucket_samples: int) -> int:
+    """Utterances the previous plan left out: whole shards round-robin, every rank cut to the shortest."""
+    shard_order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    per_rank = []
+    for rank in range(world):
+        batches = []
+        for shard in shard_order[rank::world]:
+            rng = np.random.default_rng([seed, epoch, int(shard)])
+            batches += pack_batches(lengths[shard], rng, batch_size, max_batch_samples, bucket_samples)
+        per_rank.append(batches)
+    count = min(len(batches) for batches in per_rank)
+    kept = sum(len(rows) for batches in per_rank for rows in batches[:count])
+    return sum(len(shard) for shard in lengths) - kept
+
+
+def plan_figures(worlds: list[int], epochs: int, seed: int = 0) -> list[dict]:
+    """The plan-level figures of section 4, one dict per world size (means over `epochs` epochs)."""
+    lengths = simulated_lengths()
+    max_batch_samples = int(REFERENCE_MAX_BATCH_SECONDS * REFERENCE_RATE)
+    bucket_samples = int(BUCKET_SECONDS * REFERENCE_RATE)
+    all_rows = {(s, r) for s, shard in enumerate(lengths) for r in range(len(shard))}
+    globals_ = [plan_global_epoch(lengths, seed, epoch, REFERENCE_BATCH, max_batch_samples, bucket_samples)
+                for epoch in range(epochs)]
+    figures = []
+    for world in worlds:
+        dropped, old_dropped, wrapped, batches, reads, own_shards = [], [], [], [], [], []
+        for epoch, global_plan in enumerate(globals_):
+            plans = [rank_share(global_plan, rank, world) for rank in range(world)]
+            covered = {row for plan in plans for batch in plan if not batch.wrapped for row in batch.rows}
+            dropped.append(len(all_rows - covered))
+            old_dropped.append(old_plan_dropped(lengths, world, seed, epoch, REFERENCE_BATCH, max_batch_samples,
+                                                bucket_samples))
+            wrapped.append(sum(batch.wrapped for plan in plans for batch in plan))
+            batches.append(len(plans[0]))
+            reads.append([len(shard_reads(plan)) for plan in plans])
+            own_shards += [len({s for batch in plan if not batch.wrapped for s in batch.shards}) for plan in plans]
+        figures.append({
+            "world": world, "utterances": len(all_rows), "batches_per_rank": statistics.mean(batches),
+            "dropped": max(dropped), "old_dropped": statistics.mean(old_dropped),
+            "wrapped": statistics.mean(wrapped),
+            "reads_mean": statistics.mean(r for epoch in reads for r in epoch),
+            "reads_max": max(r for epoch in reads for r in epoch),
+            "own_shards_mean": statistics.mean(own_shards),
+        })
+    new_batches = [[int(lengths[s][r]) for s, r in batch.rows] for plan in globals_ for batch in plan]
+    old_batches = []
+    for epoch in range(epochs):
+        for shard in range(len(lengths)):
+            rng = np.random.default_rng([seed, epoch, shard])
+            old_batches += [[int(lengths[shard][r]) for r in rows] for rows in
+                            pack_batches(lengths[shard], rng, REFERENCE_BATCH, max_batch_samples, bucket_samples)]
+    figures.append({"padded": padded_fraction(new_batches), "old_padded": padded_fraction(old_batches),
+                    "global_batches": statistics.mean(len(g) for g in globals_)})
+    return figures
+
+
+def print_plan_figures(epochs: int) -> None:
+    *rows, overall = plan_figures([8, 16, 32, 48], epochs)
+    print(f"plans at scale: {REFERENCE_SHARDS} shards x {REFERENCE_ROWS} rows, batch {REFERENCE_BATCH}, "
+          f"max_batch_seconds {REFERENCE_MAX_BATCH_SECONDS:.0f}, shuffle_shards 4, means over {epochs} epochs "
+          f"(dropped: max), {overall['global_batches']:.1f} batches per epoch")
+    header = (f"{'workers':>7} {'utts/epoch':>10} {'batches/rank':>12} {'dropped':>7} {'old plan dropped':>18} "
+              f"{'wrapped':>7} {'shard reads/rank mean':>21} {'max':>4} {'own batches only':>16} {'ideal':>6}")
+    print(header)
+    for f in rows:
+        old = f"{f['old_dropped']:.0f} ({100 * f['old_dropped'] / f['utterances']:.1f}%)"
+        print(f"{f['world']:>7} {f['utterances']:>10} {f['batches_per_rank']:>12.1f} {f['dropped']:>7} {old:>18} "
+              f"{f['wrapped']:>7.1f} {f['reads_mean']:>21.2f} {f['reads_max']:>4} {f['own_shards_mean']:>16.2f} "
+              f"{REFERENCE_SHARDS / f['world']:>6.2f}")
+    print(f"padded fraction: {100 * overall['padded']:.1f}% (windows of 4 shards pooled; the old per-shard "
+          f"bucketing: {100 * overall['old_padded']:.1f}%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=80, help="demo corpus size (at most 88)")
@@ -91,7 +186,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed gan_step calls (after one warm-up)")
     parser.add_argument("--pause", type=float, default=0.5, help="longest sleep standing in for a step (s)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of plans for the padding figures")
+    parser.add_argument("--plan-epochs", type=int, default=3, help="epochs of plans for the plans-at-scale table")
+    parser.add_argument("--plans-only", action="store_true", help="print only the plans-at-scale table")
     args = parser.parse_args()
+    if args.plans_only:
+        print_plan_figures(args.plan_epochs)
+        return
 
     start_moto()
     cfg = load_config("tiny", [f"data.rows_per_shard={args.rows_per_shard}"])
@@ -140,8 +240,8 @@ def main() -> None:
     bucketed, shuffled = [], []
     for epoch in range(args.epochs):
         plan = reader.plan(epoch)
-        bucketed += [[int(lengths[b.shard][r]) for r in b.rows] for b in plan]
-        rows = np.array([int(lengths[b.shard][r]) for b in plan for r in b.rows])
+        bucketed += [[int(lengths[s][r]) for s, r in b.rows] for b in plan]
+        rows = np.array([int(lengths[s][r]) for b in plan for s, r in b.rows])
         np.random.default_rng([7, epoch]).shuffle(rows)
         shuffled += [rows[i: i + cfg.train.batch_size].tolist() for i in range(0, len(rows), cfg.train.batch_size)]
     served = [list(map(int, b.waveform_lens)) for b in reader.iter_epoch(0)]
@@ -167,6 +267,8 @@ def main() -> None:
     print(f"{'padded fraction, random batches, same rows and size':<52} {100 * padded_fraction(shuffled):>11.1f}%")
     print(f"\n(paced run: {pause:.2f} s sleep between batches; padding over {args.epochs} epochs, "
           f"{len(bucketed)} batches; sample rate {sr} Hz)")
+    print()
+    print_plan_figures(args.plan_epochs)
     shutil.rmtree(work, ignore_errors=True)
 
 

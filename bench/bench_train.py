@@ -201,7 +201,7 @@ def ours(cfg: Config, data_uri: str, storage: Path, name: str, workers: int, ste
 
 
 def coqui(cfg: Config, corpus: Path, data_uri: str, out: Path, steps: int, epochs: int) -> dict:
-    from vits_ray.coqui_baseline import run_coqui_trainer
+    from coqui_baseline import run_coqui_trainer
     from vits_ray.data.shards import read_manifest
     from vits_ray.report import load_run
     from vits_ray.storage import open_store

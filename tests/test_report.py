@@ -7,6 +7,7 @@ import json
 import random
 import re
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -384,7 +385,9 @@ def test_coqui_log_without_step_blocks_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_coqui_trainer_log_regenerated_and_parsed(demo_corpus_dir, tmp_path):
     from vits_ray.config import load_config
-    from vits_ray.coqui_baseline import BASELINE_FILE, run_coqui_trainer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # a benchmark's baseline
+    from coqui_baseline import BASELINE_FILE, run_coqui_trainer
 
     run_dir = run_coqui_trainer(demo_corpus_dir, tmp_path / "coqui", load_config("tiny"), max_steps=6, epochs=2)
     log = run_dir / "trainer_0_log.txt"

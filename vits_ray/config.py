@@ -124,6 +124,8 @@ class OptimConfig:
     warmup_steps: int = 0
     cosine_total_steps: int = 100_000
     min_lr_ratio: float = 0.0
+    # AdamW's fused kernel: faster, and it skips a non-finite step on the device (no host sync).
+    fused: bool = True
 
     def validate(self, prefix: str) -> None:
         for name in ("lr_gen", "lr_disc"):
@@ -149,14 +151,21 @@ class TrainConfig:
     max_steps: int = 0  # 0: no limit besides epochs
     save_step: int = 500
     keep_last: int = 3
+    # Every step is recorded; per-step values are fetched from the device, averaged over ranks and
+    # shown to the stability guard every `log_step` steps (and at every save, validation, epoch end).
     log_step: int = 1
     val_step: int = 500
     val_batches: int = 8
     # "auto": fp16 with a GradScaler on GPU, fp32 on CPU.
     mixed_precision: Literal["auto", "fp16", "bf16", "no"] = "auto"
     keep_step: bool = False
+    # Gradients are averaged across ranks in buckets of about this size, launched during backward.
+    grad_bucket_mb: float = 25.0
+    # "bf16" halves the all-reduce traffic at the cost of gradient precision.
+    grad_compression: Literal["none", "bf16"] = "none"
 
     def validate(self, prefix: str) -> None:
+        _check(self.grad_bucket_mb > 0, f"{prefix}.grad_bucket_mb", "must be positive")
         for name in ("batch_size", "epochs", "save_step", "keep_last", "log_step", "val_step", "val_batches"):
             _check(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
         _check(self.max_batch_seconds > 0, f"{prefix}.max_batch_seconds", "must be positive")
@@ -175,7 +184,8 @@ class DataConfig:
     max_clipped_fraction: float = 0.01
     rows_per_shard: int = 256
     cache_dir: str = ""  # empty: a temporary folder per worker
-    prefetch_shards: int = 2
+    # Shards fetched ahead; at least the reader's shuffle window (4), so a new window never waits.
+    prefetch_shards: int = 4
 
     def validate(self, prefix: str) -> None:
         _check(0 < self.min_seconds < self.max_seconds, f"{prefix}.min_seconds", "must be in (0, max_seconds)")
@@ -446,3 +456,25 @@ def dump_toml(data: dict[str, dict[str, Any]]) -> str:
                 lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+# What a resumed run may change: how long it runs, how often it saves, logs and validates, and
+# where it caches and reads. Everything else shapes the model, the data or the optimisation, and a
+# resumed run that changed it would silently be a different run.
+RESUMABLE_KEYS = frozenset({
+    "train.epochs", "train.max_steps", "train.save_step", "train.keep_last", "train.log_step",
+    "train.val_step", "train.val_batches", "data.cache_dir", "data.prefetch_shards",
+    "storage.endpoint_url", "storage.region",
+})
+
+
+def resume_conflicts(saved: Config, current: Config) -> list[str]:
+    """`section.key: saved -> current` for every difference a resumed run may not make."""
+    out = []
+    saved_dict, current_dict = saved.to_dict(), current.to_dict()
+    for section, values in current_dict.items():
+        for key, value in values.items():
+            before = saved_dict.get(section, {}).get(key)
+            if f"{section}.{key}" not in RESUMABLE_KEYS and before != value:
+                out.append(f"{section}.{key}: {before!r} -> {value!r}")
+    return out

@@ -1,14 +1,23 @@
-"""Collectives the loop needs, as no-ops on a single worker.
+"""Collectives the loop needs: gradient averaging overlapped with backward, packed reductions,
+object gathers for checkpoints, and parameter checksums. No-ops on a single worker.
 
 Coqui calls `train_step` on the bare module, which bypasses DistributedDataParallel's gradient
-hooks; we average gradients explicitly after each backward instead, and prove it with parameter
-checksums compared across ranks at every checkpoint.
+hooks. `GradientSync` does DDP's job for one optimizer instead: a hook on every parameter copies
+its gradient into a bucket as soon as backward has accumulated it, and a full bucket is all-reduced
+asynchronously while backward goes on. Parameter checksums compared across ranks at every
+checkpoint prove that it works.
+
+NCCL has no CPU backend: every tensor handed to a collective here must live on the training
+device, and `Collectives` asserts it. Object collectives (pickles) run on the process group's CPU
+side (`cpu:gloo,cuda:nccl` on GPUs) and only at checkpoints.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,20 +27,149 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """All-reduce the gradients of `params` (those that have one) and divide by the world size."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    # One flat buffer: one collective per optimizer step instead of one per tensor.
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset: offset + n].view_as(g))
-        offset += n
+class Collectives:
+    """The loop's collectives, bound to its training device; each is a no-op on one worker."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.world_size = dist.get_world_size() if is_distributed() else 1
+
+    def _check_device(self, tensor: torch.Tensor) -> None:
+        # The bug this catches: a tensor built without `device=` is on the CPU, which NCCL rejects.
+        assert tensor.device.type == self.device.type, (
+            f"collective on a {tensor.device} tensor; the training device is {self.device}")
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns the tensor."""
+        self._check_device(tensor)
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's `value`, in rank order, on every rank (pickled: checkpoint time only)."""
+        if self.world_size == 1:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+
+class GradientSync:
+    """Averages one optimizer's gradients across ranks, overlapped with backward.
+
+    Buckets hold parameters in reverse registration order (roughly the order backward produces
+    their gradients) and are launched strictly in index order, so every rank issues the same
+    collectives in the same order even when hooks fire in different orders. A parameter that got
+    no gradient on a rank contributes zeros; after `finish()` every parameter has a gradient, the
+    average over ranks (on one worker: its own, or zeros), so all ranks step the same parameters.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], collectives: Collectives, *,
+                 bucket_bytes: int = 25 * 2**20, compress_bf16: bool = False):
+        self.params = [p for p in params if p.requires_grad]
+        self.comm = collectives
+        self.compress_bf16 = compress_bf16
+        self.buckets = self._make_buckets(bucket_bytes)
+        self._armed = False
+        self._ready = [0] * len(self.buckets)
+        self._filled: list[set[int]] = [set() for _ in self.buckets]
+        self._next_launch = 0
+        self._work: list[tuple[int, Any, torch.Tensor]] = []
+        self.wait_seconds = 0.0  # time `finish()` waited for communication backward did not hide
+        if self.comm.world_size > 1:
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _make_buckets(self, bucket_bytes: int) -> list[dict]:
+        buckets, current, size = [], [], 0
+        for p in reversed(self.params):
+            self.comm._check_device(p)
+            current.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_bytes:
+                buckets.append(current)
+                current, size = [], 0
+        if current:
+            buckets.append(current)
+        self._where: dict[int, tuple[int, int, int]] = {}  # id(param) -> (bucket, index, offset)
+        out = []
+        for b, members in enumerate(buckets):
+            offset = 0
+            for i, p in enumerate(members):
+                self._where[id(p)] = (b, i, offset)
+                offset += p.numel()
+            dtype = members[0].dtype
+            assert all(p.dtype == dtype for p in members), "one gradient dtype per bucket"
+            buffer = (torch.empty(offset, dtype=dtype, device=self.comm.device)
+                      if self.comm.world_size > 1 else None)
+            out.append({"params": members, "buffer": buffer})
+        return out
+
+    @contextmanager
+    def overlapping(self) -> Iterator[None]:
+        """Run this optimizer's backward inside: buckets are all-reduced as they fill."""
+        self._armed = self.comm.world_size > 1
+        self._ready = [0] * len(self.buckets)
+        self._filled = [set() for _ in self.buckets]
+        self._next_launch = 0
+        self._work = []
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if not self._armed:  # e.g. the generator's backward also reaches the discriminator
+            return
+        b, i, offset = self._where[id(param)]
+        self.buckets[b]["buffer"][offset: offset + param.numel()].copy_(param.grad.reshape(-1))
+        self._filled[b].add(i)
+        self._ready[b] += 1
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while (self._next_launch < len(self.buckets)
+               and self._ready[self._next_launch] == len(self.buckets[self._next_launch]["params"])):
+            self._launch(self._next_launch)
+
+    def _launch(self, b: int) -> None:
+        buffer = self.buckets[b]["buffer"]
+        wire = buffer.to(torch.bfloat16) if self.compress_bf16 else buffer
+        self.comm._check_device(wire)
+        self._work.append((b, dist.all_reduce(wire, op=dist.ReduceOp.SUM, async_op=True), wire))
+        self._next_launch += 1
+
+    def finish(self) -> None:
+        """After backward: launch what is left (missing gradients as zeros), wait, write back."""
+        if self.comm.world_size == 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            return
+        for b in range(self._next_launch, len(self.buckets)):
+            bucket = self.buckets[b]
+            for i, p in enumerate(bucket["params"]):
+                if i not in self._filled[b]:  # no gradient on this rank: contribute zeros
+                    _, _, offset = self._where[id(p)]
+                    bucket["buffer"][offset: offset + p.numel()].zero_()
+            self._launch(b)
+        started = time.perf_counter()
+        for b, work, wire in self._work:
+            work.wait()
+            bucket = self.buckets[b]
+            if wire is not bucket["buffer"]:
+                bucket["buffer"].copy_(wire)
+            bucket["buffer"].div_(self.comm.world_size)
+            for p in bucket["params"]:
+                _, _, offset = self._where[id(p)]
+                averaged = bucket["buffer"][offset: offset + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = averaged.clone()
+                else:
+                    p.grad.copy_(averaged)
+        self.wait_seconds = time.perf_counter() - started
+        self._work = []
 
 
 def parameter_checksum(model: torch.nn.Module) -> str:
@@ -41,22 +179,6 @@ def parameter_checksum(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def gather(value: Any) -> list[Any]:
-    if not is_distributed():
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-def broadcast(value: Any, src: int = 0) -> Any:
-    if not is_distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 class ParametersDivergedError(RuntimeError):

@@ -87,6 +87,28 @@ def build_model(config: Config, vocab: "Vocabulary") -> "Vits":
     return Vits(coqui_config(config, vocab))
 
 
+def build_optimizers(model: "Vits", config: Config) -> list[torch.optim.Optimizer]:
+    """Coqui's two optimizers (discriminator, generator), on the fused kernel when asked for.
+
+    The fused AdamW kernel takes a `found_inf` tensor and skips a non-finite step on the device,
+    so skipping needs no host sync; it exists for CPU and CUDA alike.
+    """
+    optimizers = model.get_optimizer()
+    if not config.optim.fused:
+        return optimizers
+    fused = []
+    for optimizer in optimizers:
+        if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
+            fused.append(optimizer)  # another optimizer choice: keep Coqui's
+            continue
+        def without_kernel_choice(options: dict) -> dict:
+            return {k: v for k, v in options.items() if k not in ("foreach", "fused", "decoupled_weight_decay")}
+
+        groups = [without_kernel_choice(group) for group in optimizer.param_groups]
+        fused.append(type(optimizer)(groups, **without_kernel_choice(optimizer.defaults), fused=True))
+    return fused
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -3,21 +3,20 @@
 Coqui's `Vits.train_step(batch, criterion, 0)` runs the generator forward pass and the
 discriminator loss, caching the generator outputs on the model; `train_step(..., 1)` reuses that
 cache for the generator losses. We call them in that order, each under autocast, and own what
-Coqui's trainer would do around them: zeroing, (scaled) backward, gradient sync across ranks,
-unscaling, clipping, the finite check and the optimizer step.
+Coqui's trainer would do around them: zeroing, (scaled) backward with the gradient all-reduce
+overlapped, unscaling, clipping, the finite check and the optimizer step. The step's numbers stay
+on the device: the loop reads them in batches, so a step costs no host sync of its own.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import torch
 
-# Averages the gradients of these parameters across ranks, in place. None on a single worker.
-GradSync = Callable[[Sequence[torch.nn.Parameter]], None]
+from vits_ray.distributed import GradientSync
 
 GEN_LOSS_KEYS = ("loss_gen", "loss_kl", "loss_feat", "loss_mel", "loss_duration")
 
@@ -48,80 +47,113 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
+# The values one step leaves on the device, packed in this order (`StepResult.values`).
+STEP_VALUE_KEYS = ("loss_0", "loss_1", "loss_disc") + GEN_LOSS_KEYS + (
+    "grad_norm_0", "grad_norm_1", "skipped_0", "skipped_1", "amp_scale")
+
+
 @dataclass
 class StepResult:
-    losses: dict[str, float]
-    grad_norm_0: float
-    grad_norm_1: float
-    skipped_0: bool
-    skipped_1: bool
-    amp_scale: float
+    """One step's numbers as a single device tensor (STEP_VALUE_KEYS): reading it is a host sync,
+    so the loop collects many and reads them together."""
 
+    values: torch.Tensor
 
-def _grads(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    return [p for p in params if p.grad is not None]
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(STEP_VALUE_KEYS, self.values.tolist()))
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def _fill_missing_grads(params: Sequence[torch.nn.Parameter]) -> None:
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `step()` honours a `found_inf` tensor (the fused Adam/AdamW kernels do)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
 def _optimize(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              scaler: torch.amp.GradScaler | None, grad_clip: float, grad_sync: GradSync | None) -> tuple[float, bool]:
-    """Backward, sync, unscale, clip and step one optimizer. Returns (grad norm, skipped)."""
+              scaler: torch.amp.GradScaler | None, grad_clip: float,
+              grad_sync: GradientSync | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward (overlapped with the gradient all-reduce), unscale, clip and step one optimizer.
+
+    Returns (grad norm, skipped) as device tensors. The skip decision comes from the norm of the
+    averaged gradients, which is identical on every rank, so every rank skips or steps together.
+    """
     # Zero the whole model, not only this optimizer's parameters: the generator's backward also
     # fills the discriminator's gradients (feature matching), and those must not leak into the
     # next discriminator step.
     model.zero_grad(set_to_none=True)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
     params = _optimizer_params(optimizer)
+    with grad_sync.overlapping() if grad_sync is not None else nullcontext():
+        (scaler.scale(loss) if scaler is not None else loss).backward()
     if grad_sync is not None:
-        grad_sync(params)
+        grad_sync.finish()
+    else:
+        _fill_missing_grads(params)  # the same semantics as with a sync: a missing gradient is zero
     if scaler is not None:
         scaler.unscale_(optimizer)
-    # Identical on every rank after the sync, so every rank takes the same skip decision.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(_grads(params), grad_clip))
-    finite = math.isfinite(grad_norm) and math.isfinite(float(loss.detach()))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    skipped = ~torch.isfinite(grad_norm)
     if scaler is not None:
-        scaler.step(optimizer)  # skips by itself when it found inf/nan
-    elif finite:
+        scaler.step(optimizer)  # skips by itself on inf/nan (on the device for fused optimizers)
+    elif _skips_on_device(optimizer):
+        optimizer.found_inf = skipped.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(skipped):  # a host sync, only for optimizers without a fused kernel
         optimizer.step()
-    return grad_norm, not finite
+    return grad_norm, skipped
 
 
 def gan_step(model, criteria: Sequence[torch.nn.Module], optimizers: Sequence[torch.optim.Optimizer],
              scaler: torch.amp.GradScaler | None, batch: dict, precision: Precision,
-             grad_clip: tuple[float, float], grad_sync: GradSync | None = None) -> StepResult:
+             grad_clip: tuple[float, float],
+             grad_syncs: tuple[GradientSync | None, GradientSync | None] = (None, None)) -> StepResult:
     """Discriminator then generator on one batch (already on the device and formatted).
 
-    `model` is the bare Coqui `Vits` (not a DDP wrapper: gradients are averaged by `grad_sync`).
+    `model` is the bare Coqui `Vits` (not a DDP wrapper: gradients are averaged by `grad_syncs`,
+    one per optimizer). Nothing here waits for the device, except GradScaler's own inf check for
+    optimizers without a fused kernel.
     """
     model.train()
     with precision.autocast():
         _, disc_losses = model.train_step(batch, criteria[0], 0)
-    grad_norm_0, skipped_0 = _optimize(disc_losses["loss"], model, optimizers[0], scaler, grad_clip[0], grad_sync)
+    grad_norm_0, skipped_0 = _optimize(disc_losses["loss"], model, optimizers[0], scaler, grad_clip[0],
+                                       grad_syncs[0])
 
     with precision.autocast():
         _, gen_losses = model.train_step(batch, criteria[1], 1)
     gen_loss = gen_losses["loss"]
-    grad_norm_1, skipped_1 = _optimize(gen_loss, model, optimizers[1], scaler, grad_clip[1], grad_sync)
+    grad_norm_1, skipped_1 = _optimize(gen_loss, model, optimizers[1], scaler, grad_clip[1], grad_syncs[1])
     if scaler is not None:
-        skipped_0 = skipped_0 or not math.isfinite(grad_norm_0)
-        skipped_1 = skipped_1 or not math.isfinite(grad_norm_1)
+        scale = scaler._get_scale_async().detach().clone()  # the scale this step used; get_scale() syncs
         scaler.update()
+    else:
+        scale = torch.ones((), device=grad_norm_0.device)
     model.model_outputs_cache = None  # free the generator activations before the next batch
 
-    losses = {"loss_0": float(disc_losses["loss"].detach()), "loss_1": float(gen_loss.detach()),
-              "loss_disc": float(disc_losses["loss_disc"].detach())}
-    losses.update({key: float(gen_losses[key].detach()) for key in GEN_LOSS_KEYS})
-    return StepResult(losses=losses, grad_norm_0=grad_norm_0, grad_norm_1=grad_norm_1,
-                      skipped_0=skipped_0, skipped_1=skipped_1,
-                      amp_scale=float(scaler.get_scale()) if scaler is not None else 1.0)
+    parts = [disc_losses["loss"], gen_loss, disc_losses["loss_disc"]] + [gen_losses[k] for k in GEN_LOSS_KEYS]
+    parts += [grad_norm_0, grad_norm_1, skipped_0, skipped_1, scale]
+    values = torch.stack([p.detach().float().reshape(()) for p in parts])
+    return StepResult(values)
+
+
+VAL_KEYS = ("val_loss_1",) + tuple(f"val_{key}" for key in GEN_LOSS_KEYS)
 
 
 @torch.no_grad()
-def eval_step(model, criteria: Sequence[torch.nn.Module], batch: dict, precision: Precision) -> dict[str, float]:
-    """Generator losses on a batch without updating anything (validation)."""
+def eval_step(model, criteria: Sequence[torch.nn.Module], batch: dict, precision: Precision) -> torch.Tensor:
+    """Generator losses on a batch without updating anything (validation), as one device tensor
+    in VAL_KEYS order."""
     was_training = model.training
     # Coqui's train_step is the only path that computes the losses; eval mode turns off dropout.
     model.eval()
@@ -132,6 +164,5 @@ def eval_step(model, criteria: Sequence[torch.nn.Module], batch: dict, precision
     finally:
         model.model_outputs_cache = None
         model.train(was_training)
-    out = {"val_loss_1": float(gen_losses["loss"])}
-    out.update({f"val_{key}": float(gen_losses[key]) for key in GEN_LOSS_KEYS})
-    return out
+    parts = [gen_losses["loss"]] + [gen_losses[key] for key in GEN_LOSS_KEYS]
+    return torch.stack([p.detach().float().reshape(()) for p in parts])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ class VitsBatch:
     token_lens: torch.Tensor  # [B] int64
     waveform: torch.Tensor  # [B, 1, T_audio] float32 in [-1, 1], zero-padded
     waveform_lens: torch.Tensor  # [B] int64
+    # A repeat from the start of the epoch that evens out the ranks' batch counts; the reader sets it.
+    wrapped: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -33,15 +35,28 @@ class VitsBatch:
     def padded_samples(self) -> int:
         return int(self.waveform.shape[0] * self.waveform.shape[-1]) - self.num_samples
 
-    def to_coqui(self, device: torch.device | str = "cpu") -> dict:
+    def audio_seconds(self, sample_rate: int) -> float:
+        """Seconds of real (unpadded) audio in the batch."""
+        return self.num_samples / sample_rate
+
+    def pin_memory(self) -> VitsBatch:
+        """The batch with its tensors in page-locked memory, so `to_coqui(cuda, non_blocking=True)`
+        copies asynchronously. Needs CUDA."""
+        return replace(self, tokens=self.tokens.pin_memory(), token_lens=self.token_lens.pin_memory(),
+                       waveform=self.waveform.pin_memory(), waveform_lens=self.waveform_lens.pin_memory())
+
+    def to_coqui(self, device: torch.device | str = "cpu", non_blocking: bool = False) -> dict:
         """The dict `Vits.format_batch` and `format_batch_on_device` take (Coqui's collate keys)."""
+        def to(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device, non_blocking=non_blocking)
+
         return {
-            "tokens": self.tokens.to(device),
-            "token_lens": self.token_lens.to(device),
-            "token_rel_lens": (self.token_lens.float() / self.token_lens.max().float()).to(device),
-            "waveform": self.waveform.to(device),
-            "waveform_lens": self.waveform_lens.to(device),
-            "waveform_rel_lens": self.waveform_rel_lens.to(device),
+            "tokens": to(self.tokens),
+            "token_lens": to(self.token_lens),
+            "token_rel_lens": to(self.token_lens.float() / self.token_lens.max().float()),
+            "waveform": to(self.waveform),
+            "waveform_lens": to(self.waveform_lens),
+            "waveform_rel_lens": to(self.waveform_rel_lens),
             "speaker_names": list(self.speakers),
             "language_names": [None] * len(self.ids),
             "audio_files": list(self.ids),

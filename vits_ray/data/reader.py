@@ -1,25 +1,35 @@
 """Per-rank streaming reader over `prepare`'s Parquet shards, with length bucketing.
 
-Each epoch the shards are permuted by (seed, epoch) and dealt round-robin to the ranks, so a
-worker reads only its share and sees different shards across epochs. Inside a shard, rows are
-bucketed by length (shuffled, then sorted by a coarse length key) and packed greedily into
-batches bounded by a batch size and a padded-samples budget; the batch order is shuffled.
+The epoch plan is global and deterministic, so every rank computes the same one from the seed, the
+epoch and the per-shard `num_samples` columns (a cheap column read) without communicating:
 
-Every rank must yield the same number of batches (unequal counts hang collective ops). Each rank
-can compute every rank's plan from the `num_samples` column alone (a cheap column read), so the
-count is agreed without communication: every rank stops at the minimum.
+1. The shards are permuted by (seed, epoch).
+2. The permuted shards are grouped into windows of `shuffle_shards` consecutive shards. Within a
+   window the rows of all its shards are pooled, bucketed by length (shuffled, then sorted by a
+   coarse length key), packed greedily into batches bounded by a batch size and a padded-samples
+   budget, and the window's batches are shuffled: consecutive batches mix rows of several shards.
+3. The windows' batches, concatenated, are the epoch's global batch list (B batches). Every train
+   utterance is in exactly one of them.
+4. Rank r gets the contiguous range [r * n, (r + 1) * n) of that list, n = ceil(B / world). Every
+   rank must yield the same number of batches (unequal counts hang collective ops), so a range
+   that runs past the end wraps to the start of the list; those fill-in batches (fewer than
+   `world` per epoch) are repeats, marked `wrapped`. Nothing is dropped at any world size.
+
+Contiguous ranges keep a rank on its own windows, so it reads about 1/world of the shards (plus
+the windows it shares with its neighbours at the ends of its range).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +43,16 @@ BUCKET_SECONDS = 0.25
 
 @dataclass(frozen=True)
 class PlannedBatch:
-    shard: int  # index into the split's shard list
-    rows: tuple[int, ...]
+    rows: tuple[tuple[int, int], ...]  # (shard index into the split's shard list, row in that shard)
+    wrapped: bool = False  # a repeat from the start of the epoch, filling a short rank's range
+
+    @property
+    def shards(self) -> tuple[int, ...]:
+        """The shards this batch reads, in order of first use."""
+        return tuple(dict.fromkeys(shard for shard, _ in self.rows))
+
+    def num_samples(self, shard_lengths: Sequence[np.ndarray]) -> int:
+        return sum(int(shard_lengths[shard][row]) for shard, row in self.rows)
 
 
 def pack_batches(lengths: np.ndarray, rng: np.random.Generator, batch_size: int, max_batch_samples: int,
@@ -61,28 +79,83 @@ def pack_batches(lengths: np.ndarray, rng: np.random.Generator, batch_size: int,
     return batches
 
 
-def plan_epoch(shard_lengths: list[np.ndarray], rank: int, world_size: int, seed: int, epoch: int,
-               batch_size: int, max_batch_samples: int, bucket_samples: int) -> list[PlannedBatch]:
-    """The batches `rank` yields in `epoch`; the same length on every rank."""
-    if len(shard_lengths) < world_size:
-        raise ValueError(f"the data has {len(shard_lengths)} train shard(s) but {world_size} workers: "
-                         "run `vits-ray prepare` again with a smaller data.rows_per_shard")
-    rng = np.random.default_rng([seed, epoch])
-    shard_order = rng.permutation(len(shard_lengths))
-    # One generator per shard, keyed by (seed, epoch, shard), so a rank's plan for a shard does not
-    # depend on which other shards it got.
-    per_rank: list[list[PlannedBatch]] = []
-    for r in range(world_size):
-        plan: list[PlannedBatch] = []
-        for shard in shard_order[r::world_size]:
-            shard_rng = np.random.default_rng([seed, epoch, int(shard)])
-            plan += [PlannedBatch(int(shard), rows) for rows in
-                     pack_batches(shard_lengths[shard], shard_rng, batch_size, max_batch_samples, bucket_samples)]
-        per_rank.append(plan)
-    count = min(len(p) for p in per_rank)
-    return per_rank[rank][:count]
+def shard_windows(num_shards: int, seed: int, epoch: int, shuffle_shards: int) -> list[list[int]]:
+    """The epoch's shard permutation, cut into windows of `shuffle_shards` consecutive shards."""
+    if shuffle_shards < 1:
+        raise ValueError(f"shuffle_shards must be at least 1, got {shuffle_shards}")
+    order = [int(s) for s in np.random.default_rng([seed, epoch]).permutation(num_shards)]
+    return [order[i: i + shuffle_shards] for i in range(0, num_shards, shuffle_shards)]
 
 
+def plan_global_epoch(shard_lengths: Sequence[np.ndarray], seed: int, epoch: int, batch_size: int,
+                      max_batch_samples: int, bucket_samples: int, shuffle_shards: int = 4) -> list[PlannedBatch]:
+    """All batches of `epoch` before they are dealt to ranks; each row is in exactly one."""
+    plan: list[PlannedBatch] = []
+    for window_index, window in enumerate(shard_windows(len(shard_lengths), seed, epoch, shuffle_shards)):
+        pooled_rows = [(shard, row) for shard in window for row in range(len(shard_lengths[shard]))]
+        pooled_lengths = np.concatenate([np.asarray(shard_lengths[s], dtype=np.int64) for s in window])
+        # Keyed by the window, so a window's batches do not depend on how many rows came before it.
+        rng = np.random.default_rng([seed, epoch, window_index])
+        for batch in pack_batches(pooled_lengths, rng, batch_size, max_batch_samples, bucket_samples):
+            plan.append(PlannedBatch(tuple(pooled_rows[i] for i in batch)))
+    return plan
+
+
+def rank_share(global_plan: list[PlannedBatch], rank: int, world_size: int, *, split: str = "train",
+               allow_fewer_batches_than_ranks: bool = False) -> list[PlannedBatch]:
+    """Rank `rank`'s contiguous range of the global plan, wrapped to the start to a common length.
+
+    With `allow_fewer_batches_than_ranks` (validation, where nothing is all-reduced per batch)
+    ranges are not filled: a short range stays short and an empty one yields nothing.
+    """
+    total = len(global_plan)
+    if total < world_size and not allow_fewer_batches_than_ranks:
+        raise ValueError(f"the {split} split packs into {total} batch(es) per epoch, fewer than the "
+                         f"{world_size} workers: every worker needs at least one batch; use fewer "
+                         "workers, a smaller train.batch_size, or more data")
+    per_rank = math.ceil(total / world_size)
+    begin, end = rank * per_rank, (rank + 1) * per_rank
+    if allow_fewer_batches_than_ranks:
+        return global_plan[begin:min(end, total)]
+    # total >= world_size, so the fill (per_rank * world_size - total < world_size) never wraps twice.
+    return [global_plan[p] if p < total else PlannedBatch(global_plan[p - total].rows, wrapped=True)
+            for p in range(begin, end)]
+
+
+def plan_epoch(shard_lengths: Sequence[np.ndarray], rank: int, world_size: int, seed: int, epoch: int,
+               batch_size: int, max_batch_samples: int, bucket_samples: int, shuffle_shards: int = 4, *,
+               split: str = "train", allow_fewer_batches_than_ranks: bool = False) -> list[PlannedBatch]:
+    """The batches `rank` yields in `epoch`; the same length on every rank (see the module docstring)."""
+    global_plan = plan_global_epoch(shard_lengths, seed, epoch, batch_size, max_batch_samples, bucket_samples,
+                                    shuffle_shards)
+    return rank_share(global_plan, rank, world_size, split=split,
+                      allow_fewer_batches_than_ranks=allow_fewer_batches_than_ranks)
+
+
+@dataclass
+class ShardRead:
+    """One read of a shard for a plan: decoded before batch `first`, released after batch `last`."""
+    shard: int
+    first: int
+    last: int
+
+
+def shard_reads(plan: list[PlannedBatch]) -> list[ShardRead]:
+    """Each shard is read once for the rank's own batches and once more if wrapped fill-ins need it.
+
+    The fill-ins come at the end of the plan; keeping their shards decoded from the start of the
+    epoch would hold far more than a window in memory, so they are read again.
+    """
+    reads: list[ShardRead] = []
+    open_reads: dict[tuple[bool, int], ShardRead] = {}
+    for index, batch in enumerate(plan):
+        for shard in batch.shards:
+            read = open_reads.get((batch.wrapped, shard))
+            if read is None:
+                read = open_reads[(batch.wrapped, shard)] = ShardRead(shard, index, index)
+                reads.append(read)
+            read.last = index
+    return reads
 class ShardSource:
     """Fetches shards from a store, verifies their checksums, keeps a local cache for remote stores."""
 
@@ -151,61 +224,97 @@ class ShardReader:
 
     def __init__(self, store, manifest: dict, split: str, rank: int, world_size: int, *, seed: int,
                  batch_size: int, max_batch_seconds: float, pad_id: int, cache_dir: str = "",
-                 prefetch: int = 2):
+                 prefetch: int = 2, shuffle_shards: int = 4, pin_memory: bool = False,
+                 allow_fewer_batches_than_ranks: bool = False):
         entries = [s for s in manifest["shards"] if s["split"] == split]
         if not entries:
             raise ValueError(f"{store.url('manifest.json')}: no {split!r} shards")
+        if shuffle_shards < 1:
+            raise ValueError(f"shuffle_shards must be at least 1, got {shuffle_shards}")
         sample_rate = int(manifest["sample_rate"])
         self.source = ShardSource(store, entries, cache_dir)
+        self.split = split
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size = batch_size
         self.max_batch_samples = int(max_batch_seconds * sample_rate)
         self.bucket_samples = int(BUCKET_SECONDS * sample_rate)
         self.pad_id = pad_id
         self.prefetch = prefetch
+        self.shuffle_shards = shuffle_shards
+        self.allow_fewer_batches_than_ranks = allow_fewer_batches_than_ranks
+        # Pinning needs CUDA; like torch's DataLoader, asking for it without CUDA does nothing.
+        self.pin_memory = pin_memory and _cuda_available()
         self.shard_lengths = [self.source.lengths(i) for i in range(len(entries))]
         longest = max(int(lengths.max()) for lengths in self.shard_lengths if len(lengths))
         if longest > self.max_batch_samples:
             raise ValueError(f"train.max_batch_seconds ({max_batch_seconds}) is shorter than the longest "
                              f"utterance ({longest / sample_rate:.2f} s)")
         self.loader_time = 0.0  # seconds spent waiting for the last batch
+        self._cached_plan: tuple[int, list[PlannedBatch]] | None = None
 
     def plan(self, epoch: int) -> list[PlannedBatch]:
-        return plan_epoch(self.shard_lengths, self.rank, self.world_size, self.seed, epoch,
-                          self.batch_size, self.max_batch_samples, self.bucket_samples)
+        # batches_per_epoch and iter_epoch both ask for the same epoch; packing ~20k rows takes ~0.1 s.
+        if self._cached_plan is None or self._cached_plan[0] != epoch:
+            plan = plan_epoch(self.shard_lengths, self.rank, self.world_size, self.seed, epoch, self.batch_size,
+                              self.max_batch_samples, self.bucket_samples, self.shuffle_shards, split=self.split,
+                              allow_fewer_batches_than_ranks=self.allow_fewer_batches_than_ranks)
+            self._cached_plan = (epoch, plan)
+        return list(self._cached_plan[1])
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         return len(self.plan(epoch))
 
+    def utterances_per_epoch(self) -> int:
+        """Distinct rows of the split: what all ranks together see once per epoch (fill-ins aside)."""
+        return sum(len(lengths) for lengths in self.shard_lengths)
+
     def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[VitsBatch]:
-        """Batches `start`, `start + 1`, ... of `epoch`; shards before `start` are never read."""
+        """Batches `start`, `start + 1`, ... of `epoch`; shards only batches before `start` need are never read."""
         plan = self.plan(epoch)[start:]
-        shard_sequence = list(dict.fromkeys(b.shard for b in plan))
+        reads = shard_reads(plan)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
         try:
-            pending: dict[int, Future] = {}
-            requested = 0  # shards of shard_sequence submitted so far
-
-            def request(upto: int) -> None:
-                nonlocal requested
-                for shard in shard_sequence[requested: upto + 1]:
-                    pending[shard] = pool.submit(lambda s=shard: _DecodedShard(self.source.read(s)))
-                requested = max(requested, min(upto + 1, len(shard_sequence)))
-
-            for planned in plan:
+            queued: dict[int, Future] = {}  # position in `reads` -> decoded shard, submitted ahead of need
+            in_use: dict[int, tuple[ShardRead, Future]] = {}  # shard -> the read batches take rows from now
+            submitted = reached = 0
+            for index, planned in enumerate(plan):
                 started = time.perf_counter()
-                position = shard_sequence.index(planned.shard)
-                request(position + self.prefetch)
-                shard = pending[planned.shard].result()
-                for done in shard_sequence[:position]:  # earlier shards are finished with
-                    pending.pop(done, None)
-                rows = planned.rows
-                batch = collate([shard.ids[r] for r in rows], [shard.speakers[r] for r in rows],
-                                [shard.texts[r] for r in rows], [shard.token_ids[r] for r in rows],
-                                [shard.pcm(r) for r in rows], self.pad_id)
+                first_new = reached
+                while reached < len(reads) and reads[reached].first == index:
+                    reached += 1
+                # Reads are in order of first need, so the worker decodes the shards this batch needs
+                # first, then up to `prefetch` shards beyond them while the step runs.
+                while submitted < min(len(reads), reached + self.prefetch):
+                    queued[submitted] = pool.submit(self._decode, reads[submitted].shard)
+                    submitted += 1
+                for position in range(first_new, reached):
+                    in_use[reads[position].shard] = (reads[position], queued.pop(position))
+                decoded = {shard: in_use[shard][1].result() for shard in planned.shards}
+                batch = self._collate(planned, decoded)
+                del decoded
+                for shard, (read, _) in list(in_use.items()):
+                    if read.last == index:  # the rest of the plan needs this read no more
+                        del in_use[shard]
                 self.loader_time = time.perf_counter() - started
                 yield batch
         finally:
             # A consumer that stops early (max_steps, val_batches) must not wait for shards it will
             # never use: drop the queued prefetches, wait only for the one in flight.
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _decode(self, shard: int) -> _DecodedShard:
+        return _DecodedShard(self.source.read(shard))
+
+    def _collate(self, planned: PlannedBatch, decoded: dict[int, _DecodedShard]) -> VitsBatch:
+        rows = [(decoded[shard], row) for shard, row in planned.rows]
+        batch = collate([d.ids[r] for d, r in rows], [d.speakers[r] for d, r in rows],
+                        [d.texts[r] for d, r in rows], [d.token_ids[r] for d, r in rows],
+                        [d.pcm(r) for d, r in rows], self.pad_id)
+        batch.wrapped = planned.wrapped
+        return batch.pin_memory() if self.pin_memory else batch
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

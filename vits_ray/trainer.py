@@ -1,0 +1,396 @@
+"""The training loop of one worker, as a small object: state plus `train_step`, `validate`, `save`,
+`restore` and `rollback`.
+
+It composes pieces that know nothing of each other: the Coqui model (`model`), the GAN step
+(`step`), the shard reader (`data.reader`), gradient sync and collectives (`distributed`), the
+stability guard (`stability`), the run's records (`runlog`) and checkpoints (`checkpoint`). What
+persists checkpoints and hands the latest one back is a `Session` (Ray Train's, in `train.py`), so
+the loop itself knows nothing of Ray.
+
+Every rank runs the same guard on the same all-reduced numbers, so every rank reaches the same
+decision (continue, roll back, save) without a broadcast; the guard's state is compared across
+ranks at each checkpoint along with the parameter checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from vits_ray import checkpoint as ckpt_io
+from vits_ray.config import Config, config_from_dict, resume_conflicts
+from vits_ray.distributed import Collectives, GradientSync, check_checksums, parameter_checksum
+from vits_ray.step import VAL_KEYS, Precision, eval_step, gan_step
+from vits_ray.step_log import PendingSteps
+
+LOSS_KEYS = ("loss_0", "loss_1", "loss_disc", "loss_gen", "loss_kl", "loss_feat", "loss_mel", "loss_duration")
+EPOCH_KEYS = LOSS_KEYS + ("grad_norm_0", "grad_norm_1", "step_time", "loader_time")
+EPOCH_SUMS = ("utterances", "wrapped_utterances", "audio_seconds")
+
+# A spike drill multiplies both learning rates by this for SPIKE_DRILL_STEPS steps.
+SPIKE_DRILL_FACTOR = 300.0
+SPIKE_DRILL_STEPS = 3
+
+
+class ResumeConfigError(ValueError):
+    """A relaunch changed settings that a resumed run may not change."""
+
+
+class Session(Protocol):
+    """Where checkpoints go and come back from (Ray Train in production)."""
+
+    def latest_checkpoint(self) -> AbstractContextManager[Path | None]: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None: ...
+
+
+class EpochMeans:
+    """The epoch record: means of the finite steps, and counts summed over ranks."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.totals = dict.fromkeys(EPOCH_SUMS, 0.0)
+        self.count = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        for key in EPOCH_SUMS:
+            self.totals[key] += record[key]
+        if any(not math.isfinite(record[k]) for k in LOSS_KEYS):
+            return  # skipped steps do not move the epoch means
+        self.count += 1
+        for key in EPOCH_KEYS:
+            self.sums[key] = self.sums.get(key, 0.0) + float(record[key])
+
+    def record(self, epoch: int, step: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": step, "steps": self.count,
+                               "utterances": int(self.totals["utterances"]),
+                               "wrapped_utterances": int(self.totals["wrapped_utterances"]),
+                               "audio_seconds": self.totals["audio_seconds"]}
+        for key, total in self.sums.items():
+            out[f"avg_{key}"] = total / max(self.count, 1)
+        return out
+
+
+def say(message: str) -> None:
+    """One console line from a worker. Not `print`: Ray Train patches it to log each line twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def progress_line(r: dict[str, Any]) -> str:
+    share = 100 * r["loader_time"] / r["step_time"] if r["step_time"] > 0 else 0.0
+    skipped = " SKIPPED" if r["skipped_0"] or r["skipped_1"] else ""
+    return (f"step {r['step']:>6} epoch {r['epoch']:>3} | D {r['loss_0']:.3f} G {r['loss_1']:.3f} "
+            f"(mel {r['loss_mel']:.2f} kl {r['loss_kl']:.2f}) | grad {r['grad_norm_0']:.1f}/{r['grad_norm_1']:.1f} "
+            f"| lr {r['lr_1']:.2e} | {r['step_time']:.2f} s/step, loading {share:.1f}%{skipped}")
+
+
+class Trainer:
+    """One rank's training state and loop. Build it, `run()` it, `close()` it."""
+
+    def __init__(self, job, rank: int, world_size: int, device: torch.device, session: Session):
+        from vits_ray.data.reader import ShardReader
+        from vits_ray.data.shards import read_manifest
+        from vits_ray.model import build_model, build_optimizers
+        from vits_ray.runlog import NullLogger, RunLogger
+        from vits_ray.stability import StabilityGuard
+        from vits_ray.storage import open_store
+        from vits_ray.text import Vocabulary
+
+        self.job, self.rank, self.world_size, self.device, self.session = job, rank, world_size, device, session
+        self.cfg: Config = job.resolved_config()
+        cfg = self.cfg
+        self.precision = Precision.resolve(cfg.train.mixed_precision, device.type)
+        self.data_store = open_store(job.data_uri, cfg.storage)
+        self.manifest = read_manifest(self.data_store)
+        self.vocab = Vocabulary.from_dict(self.manifest["vocab"])
+        self.model = build_model(cfg, self.vocab).to(device)  # same seed on every rank: same weights
+        self.optimizers = build_optimizers(self.model, cfg)
+        self.criteria = self.model.get_criterion()
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_scaler else None
+        self.comm = Collectives(device)
+        self.grad_syncs = tuple(
+            GradientSync([p for g in opt.param_groups for p in g["params"]], self.comm,
+                         bucket_bytes=int(cfg.train.grad_bucket_mb * 2**20),
+                         compress_bf16=cfg.train.grad_compression == "bf16") if world_size > 1 else None
+            for opt in self.optimizers)
+        self.run_store = open_store(job.storage_uri, cfg.storage).child(job.name)
+        self.guard = StabilityGuard(cfg.stability, cfg.train.save_step)
+        self.progress = ckpt_io.Progress()
+        self.warm_report = None
+        self.last_record: dict[str, Any] = {}
+
+        resumed = self._restore_latest()
+        if not resumed:
+            self._start_fresh()
+        self.logger = RunLogger(self.run_store, self.progress.step if resumed else None) if rank == 0 else NullLogger()
+        if rank == 0 and not resumed:
+            self.run_store.write_bytes("config.toml", cfg.to_toml().encode("utf-8"))
+            self.run_store.write_bytes("vocab.json", json.dumps(self.manifest["vocab"], ensure_ascii=False,
+                                                                sort_keys=True).encode())
+        if rank == 0 and self.warm_report is not None:
+            say(self.warm_report.format_text())
+            self.logger.event({"step": self.progress.step, "kind": "warm_start", "detail": {
+                "loaded": len(self.warm_report.loaded), "partially_loaded": self.warm_report.partially_loaded,
+                "skipped": [f"{n}: {why}" for n, why in self.warm_report.skipped]}})
+        if rank == 0:
+            say(f"[vits-ray] {job.name}: {'resuming at step ' + str(self.progress.step) if resumed else 'starting'}"
+                f" on {world_size} worker(s), {device.type}, precision {self.precision.dtype or 'fp32'}")
+
+        pad_id = int(self.model.tokenizer.characters.pad_id)
+        reader_args = dict(seed=cfg.train.seed, batch_size=cfg.train.batch_size,
+                           max_batch_seconds=cfg.train.max_batch_seconds, pad_id=pad_id,
+                           cache_dir=cfg.data.cache_dir, pin_memory=device.type == "cuda")
+        self.reader = ShardReader(self.data_store, self.manifest, "train", rank, world_size,
+                                  prefetch=cfg.data.prefetch_shards, **reader_args)
+        self.val_reader = None
+        if any(s["split"] == "val" for s in self.manifest["shards"]):
+            self.val_reader = ShardReader(self.data_store, self.manifest, "val", rank, world_size, prefetch=0,
+                                          allow_fewer_batches_than_ranks=True, **reader_args)
+        self.max_steps = job.max_steps or cfg.train.max_steps
+        self.drills = {d.step: d.kind for d in job.drills}
+        self.spike_drill_until = -1
+        self.pending = PendingSteps()
+        self.means = EpochMeans()
+        self.last_good = self.capture()
+        self.last_saved_step = self.progress.step if resumed else -1
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def _restore_latest(self) -> bool:
+        with self.session.latest_checkpoint() as directory:
+            if directory is None:
+                return False
+            saved = config_from_dict(_read_toml(directory / "config.toml"))
+            conflicts = resume_conflicts(saved, self.cfg)
+            if conflicts:
+                raise ResumeConfigError(
+                    f"run {self.job.name} is resumed with settings that differ from its checkpoint's: "
+                    + "; ".join(conflicts) + ". Relaunch with the saved settings, or start a new run "
+                    "(another --name) with --init-from")
+            self.restore(ckpt_io.read(directory))
+        return True
+
+    def _start_fresh(self) -> None:
+        from vits_ray.model import warm_start
+
+        if self.job.init_from:
+            from vits_ray.train import fetch_init_checkpoint
+
+            model_path, config_path = fetch_init_checkpoint(self.job.init_from, self.cfg.storage)
+            self.warm_report = warm_start(self.model, model_path, config_path)
+            if self.cfg.train.keep_step:  # continue the global step and the per-epoch decay
+                self.progress.step, self.progress.epoch = self.warm_report.global_step, self.warm_report.epoch
+                self.progress.first_epoch = self.progress.epoch
+        # The weights are identical on every rank; from here on each rank draws its own dropout
+        # masks and training segments.
+        ckpt_io.seed_everything(self.cfg.train.seed + self.rank)
+
+    # --- state --------------------------------------------------------------------------------
+
+    def capture(self) -> dict[str, Any]:
+        """The whole training state (every rank's RNG included), on the CPU."""
+        self.progress.guard = self.guard.state_dict()
+        rngs = self.comm.all_gather_objects(ckpt_io.rng_state(self.device))
+        return ckpt_io.capture(self.model, self.optimizers, self.scaler, self.progress, rngs)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.progress = ckpt_io.restore(state, self.model, self.optimizers, self.scaler, self.rank,
+                                        self.world_size, self.device)
+        self.guard.load_state_dict(self.progress.guard)
+
+    def save(self, metrics: dict[str, Any]) -> None:
+        """Check that all ranks agree, then persist the state through the session (rank 0 writes)."""
+        guard_digest = hashlib.sha256(json.dumps(self.guard.state_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        agreed = self.comm.all_gather_objects((parameter_checksum(self.model), guard_digest))
+        checksums = [c for c, _ in agreed]
+        record = {"kind": "checkpoint", "step": self.progress.step, "epoch": self.progress.epoch,
+                  "path": f"checkpoint_{self.progress.step:08d}", "param_checksums": checksums,
+                  "best": self.progress.best_step == self.progress.step}
+        self.logger.log(record)
+        check_checksums(checksums, self.progress.step)
+        if len({g for _, g in agreed}) > 1:
+            raise RuntimeError(f"step {self.progress.step}: the stability guard's state differs across ranks "
+                               f"({[g for _, g in agreed]}); their decisions can no longer be trusted to agree")
+        state = self.capture()
+        with tempfile.TemporaryDirectory(prefix="vits-ray-ckpt-") as tmp:
+            directory = None
+            if self.rank == 0:
+                directory = Path(tmp)
+                ckpt_io.write(directory, state, self.cfg.to_toml(), self.manifest["vocab"])
+                self.logger.flush()
+            self.session.report({**metrics, "step": self.progress.step}, directory, record["path"])
+        self.last_good = state
+        self.last_saved_step = self.progress.step
+
+    def rollback(self, step: int, events: list[dict]) -> None:
+        """Back to the last checkpointed state, with backed-off learning rates."""
+        self.restore(self.last_good)
+        self.spike_drill_until = -1  # the drill was part of the abandoned timeline
+        multiplier = self.guard.after_rollback(step, self.progress.step)  # raises past the budget
+        self.logger.mark_rolled_back(self.progress.step)
+        if self.rank == 0:
+            say(f"[vits-ray] step {step}: instability ({', '.join(e['kind'] for e in events)}); "
+                f"rolled back to step {self.progress.step}, learning rates x{multiplier:g}")
+        self.means = EpochMeans()
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def _on_device(self, batch) -> dict:
+        # On CUDA the reader pins its batches, so this copy overlaps with queued work.
+        return self.model.format_batch_on_device(
+            self.model.format_batch(batch.to_coqui(self.device, non_blocking=self.device.type == "cuda")))
+
+    def _set_learning_rates(self, step: int) -> tuple[float, float]:
+        from vits_ray.schedule import learning_rates
+
+        lr_0, lr_1 = learning_rates(self.cfg.optim, step - 1, self.progress.epoch, self.guard.lr_multiplier(step))
+        if step < self.spike_drill_until:
+            lr_0, lr_1 = lr_0 * SPIKE_DRILL_FACTOR, lr_1 * SPIKE_DRILL_FACTOR
+        for optimizer, lr in zip(self.optimizers, (lr_0, lr_1)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        return lr_0, lr_1
+
+    def train_step(self, batch, loader_time: float) -> int:
+        """One D-then-G step on this rank's batch; its numbers join the pending steps."""
+        started = time.perf_counter()
+        step = self.progress.step + 1
+        drill = self.drills.pop(step, None)  # a drill fires once, not again after a rollback
+        if drill == "nan" and self.rank == 0:  # one bad utterance on one rank, as in real data
+            batch.waveform[0].fill_(float("nan"))
+        if drill == "spike":
+            self.spike_drill_until = step + SPIKE_DRILL_STEPS
+        lr_0, lr_1 = self._set_learning_rates(step)
+        result = gan_step(self.model, self.criteria, self.optimizers, self.scaler, self._on_device(batch),
+                          self.precision, (self.cfg.optim.grad_clip_disc, self.cfg.optim.grad_clip_gen),
+                          self.grad_syncs)
+        self.progress.step = step
+        self.progress.batch_in_epoch += 1
+        wrapped = bool(getattr(batch, "wrapped", False))
+        counts = {"batch_size": len(batch), "audio_seconds": batch.num_samples / self.cfg.audio.sample_rate,
+                  "utterances": 0 if wrapped else len(batch), "wrapped_utterances": len(batch) if wrapped else 0}
+        # Data wait plus the host's time on the step (on a GPU, the time to queue it: the device
+        # catches up at the next sync, and steady-state step times converge to the real ones).
+        step_time = loader_time + time.perf_counter() - started
+        self.pending.add(result.values, counts, {
+            "step": step, "epoch": self.progress.epoch, "lr_0": lr_0, "lr_1": lr_1,
+            "step_time": step_time, "loader_time": loader_time})
+        return step
+
+    # --- sync points --------------------------------------------------------------------------
+
+    def _is_sync_point(self, step: int) -> bool:
+        cfg = self.cfg
+        # Every step that could be a save step under either cadence: a checkpoint is only written
+        # after the guard has seen every step before it.
+        return (step % cfg.train.log_step == 0 or step % cfg.train.save_step == 0
+                or step % cfg.stability.unstable_save_step == 0 or step % cfg.train.val_step == 0
+                or (bool(self.max_steps) and step >= self.max_steps))
+
+    def sync(self) -> bool:
+        """Read the pending steps, record them, let the guard judge them. False after a rollback."""
+        records = self.pending.reduce(self.comm)
+        for record in records:
+            self.logger.log(record)
+        if records:
+            self.last_record = records[-1]
+            if self.rank == 0:
+                say(progress_line(records[-1]))
+        for record in records:
+            self.means.add(record)
+            decision = self.guard.observe(record["step"], record)
+            for event in decision.events:
+                self.logger.event(event.to_dict())
+            if decision.rollback:
+                self.rollback(records[-1]["step"], [e.to_dict() for e in decision.events])
+                return False
+        return True
+
+    def validate(self) -> dict[str, Any] | None:
+        """Validation mel loss and friends over the val split, shared across ranks."""
+        if self.val_reader is None:
+            return None
+        sums = torch.zeros(len(VAL_KEYS) + 1, dtype=torch.float64, device=self.device)
+        per_rank = max(1, math.ceil(self.cfg.train.val_batches / self.world_size))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # validation must not shift training's randomness
+            for count, batch in enumerate(self.val_reader.iter_epoch(0)):
+                if count >= per_rank:
+                    break
+                sums[:-1] += eval_step(self.model, self.criteria, self._on_device(batch), self.precision).double()
+                sums[-1] += 1
+        totals = self.comm.all_reduce_sum(sums).cpu().tolist()
+        count = max(totals[-1], 1.0)
+        return {"kind": "val", "step": self.progress.step, "epoch": self.progress.epoch, "batches": int(totals[-1]),
+                **{k: v / count for k, v in zip(VAL_KEYS, totals[:-1])}}
+
+    def _after_validation(self, val: dict[str, Any]) -> None:
+        from vits_ray.model import export_coqui
+
+        self.logger.log(val)
+        if val["val_loss_mel"] < self.progress.best_val_loss_mel:  # the same numbers on every rank
+            self.progress.best_val_loss_mel, self.progress.best_step = val["val_loss_mel"], self.progress.step
+            if self.rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    export_coqui(self.model, self.cfg, self.vocab, Path(tmp), self.progress.step)
+                    self.run_store.upload_dir(tmp, "best")
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def finished(self) -> bool:
+        return bool(self.max_steps) and self.progress.step >= self.max_steps
+
+    def run(self) -> None:
+        first, epochs = self.progress.first_epoch, self.cfg.train.epochs
+        while not self.finished() and self.progress.epoch < first + epochs:
+            if self.train_epoch():
+                self.end_epoch()
+        if self.last_saved_step != self.progress.step:
+            self.sync()
+            self.save({})
+
+    def train_epoch(self) -> bool:
+        """The rest of the current epoch. False when it ended early (max_steps or a rollback)."""
+        for batch in self.reader.iter_epoch(self.progress.epoch, self.progress.batch_in_epoch):
+            step = self.train_step(batch, self.reader.loader_time)
+            if not self._is_sync_point(step):
+                continue
+            if not self.sync():
+                return False  # rolled back: the epoch starts again from the restored position
+            if step % self.cfg.train.val_step == 0:
+                val = self.validate()
+                if val is not None:
+                    self._after_validation(val)
+            if self.guard.should_save(step) or self.finished():
+                self.save({k: self.last_record[k] for k in ("loss_0", "loss_1")})
+            if self.finished():
+                return False
+        return self.sync()
+
+    def end_epoch(self) -> None:
+        record = self.means.record(self.progress.epoch, self.progress.step)
+        self.logger.log(record)
+        # Ray gets the epoch means (a report is a barrier on all ranks: once an epoch, not a step).
+        self.session.report({k: v for k, v in record.items() if k != "kind"})
+        self.means = EpochMeans()
+        self.progress.epoch += 1
+        self.progress.batch_in_epoch = 0
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(path.read_text(encoding="utf-8"))
