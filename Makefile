@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-run
 export RAY_AUTH_MODE ?= token
 export PYTHONHASHSEED := 0
+# Ray's OpenTelemetry metrics thread has crashed a TrainController actor here (SIGSEGV in
+# TemporalMetricStorage::buildMetrics); local runs have no dashboard to read them anyway.
+export RAY_enable_metrics_collection ?= 0
 
 .PHONY: setup demo test test-fast bench clean
 

@@ -1,139 +1,110 @@
-"""Training speed on the CPU: our GAN step and Ray Train loop against Coqui's own, on the demo corpus.
+"""Training loop on the CPU: overhead, host syncs, gradient sync, throughput and fixed cost.
 
-    .venv/bin/python bench/bench_train.py [--quick] [--threads 1]
+    .venv/bin/python bench/bench_train.py [--quick] [--n 60] [--only 1,2,3,4]
 
-Three measurements, all with the tiny recipe, fp32, batch size 4, `--threads` torch threads per
-process (1 by default, as a Ray worker with `cpus_per_worker=1` uses):
+Writes an `--n`-utterance demo corpus, prepares it with the tiny recipe (8 rows per shard) and
+measures, all fp32 on the CPU with one torch thread per process (Ray workers with
+`cpus_per_worker=1` use one too), batch size 4 unless said otherwise:
 
-1. Loop overhead: `gan_step` against a bare hand-written D-then-G loop over Coqui's `train_step`
-   (and the bare loop plus gradient clipping, which Coqui's Trainer also does), on one batch and
-   fresh identical models, interleaved in rotating order after warm-up. Median step times.
-2. Throughput against Coqui's `Trainer`: seconds of audio trained per second, from per-step times
-   (steady state) and end to end (wall), for `run_training` with one worker and `run_coqui_trainer`.
-3. Two Ray Train workers against one (gloo, one thread each), from the per-step metrics.
+1. Loop overhead. `gan_step` against a bare hand-written D-then-G loop over Coqui's `train_step`
+   (zero, `train_step(batch, crit[0], 0)`, backward, step, then the generator), and the bare loop
+   plus gradient clipping (Coqui's Trainer clips too). `gan_step` runs twice: with the fused AdamW
+   that `vits_ray.model.build_optimizers` builds (the default), and with `optim.fused=false`, which
+   keeps Coqui's own AdamW (the bare loops' optimizer). Fresh models built with the same seed, one
+   fixed batch (the fullest of epoch 0), warm-up, then repetitions interleaved in rotating order.
+   Median and min step times.
+2. Host syncs per step, counted. `torch.Tensor.item`, `__float__`, `__int__`, `__bool__`, `tolist`,
+   `cpu`, `numpy` and `__index__` are patched with counters keyed by the calling module, during the
+   real `Trainer.run()` in this process (one rank, `DirectorySession`, log_step 10). Each call is
+   charged to the step whose `train_step` last started, and steps are split into plain steps
+   (no sync point), sync steps (a log step or epoch end: `Trainer.sync` ran) and save steps (the
+   final checkpoint). On the CPU none of these wait for anything; on a GPU each one would be a
+   host sync, except `cpu()`/`numpy()` of tensors already on the host. Not caught: syncs inside
+   C++ (e.g. Coqui slicing a tensor by a 0-d tensor, `x[:, :n]`) and in `torch.distributed`.
+3. Gradient communication backward did not hide, two CPU workers. The real `Trainer` in two
+   processes joined by gloo (`tests/ranks.py`, no Ray), batch 2, one thread each. Blocks of
+   steps alternate between the overlapped `GradientSync` and, as the baseline, the previous
+   approach written out here (`FlatAllReduce`): after backward, cat all gradients, one
+   all-reduce, copy back. Per step: the time `finish()` waited for communication
+   (`GradientSync.wait_seconds`, both optimizers; for the baseline the whole flat all-reduce),
+   the whole of `finish()` (waiting plus copying the averages back), and the step time (from
+   fetching the batch to the end of `train_step`), mean of the two ranks.
+4. Throughput against Coqui's own `Trainer`, like for like. `run_training` with one Ray worker
+   for N steps, and Coqui's `Trainer.fit()` in this process fed the same batches in the same
+   order: the first N batches of our reader's plan for epoch 0 (world 1), as
+   `VitsBatch.to_coqui("cpu")` dicts, through a `Vits` subclass whose `get_data_loader` returns
+   them (`coqui_baseline.run_coqui_on_batches`). Both log every 10 steps. Steady state is steps
+   3..N-1, wall clock from one step to the next: ours from the `time` of consecutive metrics.jsonl
+   step records (written at the end of each step), Coqui's from its `on_train_step_start`
+   callback. Audio seconds per second of that wall, ours / Coqui's. Ours reads shards
+   (its loader wait is in its figure); Coqui's batches are already in memory.
+5. Fixed cost of a run outside its steps, from the same runs: `ensure_ray` (timed around the
+   call), then `run_training` cut at timestamps available from outside: the mtime of
+   config.toml (rank 0 writes it once the model and optimizers are built), the first step's
+   start (its record's `time` minus `step_time`), the last step's end, the newest file in the
+   checkpoint folder, in export/ and metrics.jsonl (rewritten by `close()`), and the return of
+   `run_training`. Cold imports (a fresh interpreter) and the model build are timed apart to
+   split the first phase. Coqui: model and Trainer construction, and `fit()` outside its steps;
+   one `save_checkpoint()` after fit is timed for comparison (Coqui's run here saves nothing).
 
-It prints figures and asserts nothing: on a shared machine they are noisy, so compare ratios
-taken in the same run rather than absolute times across runs.
+It prints figures and asserts nothing about time: on a shared machine they are noisy, so compare
+ratios taken in the same run rather than absolute times across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import itertools
 import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # ranks.py: the Trainer in N processes without Ray
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from vits_ray.config import Config, load_config  # noqa: E402
-from vits_ray.data.ingest import prepare_corpus  # noqa: E402
-from vits_ray.demo.corpus import write_demo_corpus  # noqa: E402
 
-# Validation and periodic checkpoints off: both loops then do training steps, one final
-# checkpoint and export (ours) or one small evaluation per epoch (Coqui's), nothing else.
-OVERRIDES = ["train.batch_size=4", "data.rows_per_shard=8", "train.val_step=1000000", "train.save_step=1000000"]
-WARMUP_STEPS = 2  # steps left out of the steady-state figures (first shard read, allocator warm-up)
-
-
-# --- 1. loop overhead ----------------------------------------------------------------------
-
-def _bare_step(model, criteria, optimizers, batch, clip: tuple[float, float] | None) -> None:
-    """The least a correct VITS GAN loop does: zero, forward, backward, step; D then G."""
-    for index in (0, 1):
-        optimizers[index].zero_grad(set_to_none=True)
-        _, losses = model.train_step(batch, criteria[index], index)
-        losses["loss"].backward()
-        if clip is not None:
-            params = [p for group in optimizers[index].param_groups for p in group["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, clip[index])
-        optimizers[index].step()
-    model.model_outputs_cache = None
+CORPUS_OVERRIDES = ["data.rows_per_shard=8"]
+# Validation and periodic checkpoints off, the stability guard's save cadence too: a run is steps,
+# a sync every 10 steps, one final checkpoint and the export.
+RUN_OVERRIDES = CORPUS_OVERRIDES + ["train.batch_size=4", "train.log_step=10", "train.save_step=1000000",
+                                    "train.val_step=1000000", "stability.unstable_save_step=1000000"]
+LOG_STEP = 10
+WARMUP_STEPS = 2  # steps left out of steady-state figures (first shard reads, allocator warm-up)
 
 
-def loop_overhead(cfg: Config, data_uri: str, warmup: int, reps: int) -> dict:
-    from vits_ray.data.reader import ShardReader
-    from vits_ray.data.shards import read_manifest
-    from vits_ray.model import build_model
-    from vits_ray.step import Precision, gan_step
-    from vits_ray.storage import open_store
-    from vits_ray.text import Vocabulary
-
-    store = open_store(data_uri)
-    manifest = read_manifest(store)
-    vocab = Vocabulary.from_dict(manifest["vocab"])
-    names = ("bare", "bare+clip", "gan_step")
-    models = {name: build_model(cfg, vocab) for name in names}  # same seed: identical weights
-    reference = models["bare"].state_dict()
-    assert all(torch.equal(t, models[n].state_dict()[k]) for n in names for k, t in reference.items())
-    pad_id = int(models["bare"].tokenizer.characters.pad_id)
-    reader = ShardReader(store, manifest, "train", 0, 1, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
-                         max_batch_seconds=cfg.train.max_batch_seconds, pad_id=pad_id, prefetch=0)
-    # The batch of epoch 0 holding the most audio among full batches: a typical working size.
-    full = [b for b in reader.iter_epoch(0) if len(b) == cfg.train.batch_size]
-    vits_batch = max(full, key=lambda b: b.num_samples)
-
-    def formatted(model):
-        return model.format_batch_on_device(model.format_batch(vits_batch.to_coqui("cpu")))
-
-    state = {n: (m, m.get_criterion(), m.get_optimizer(), formatted(m)) for n, m in models.items()}
-    precision = Precision.resolve("no", "cpu")
-    clip = (cfg.optim.grad_clip_disc, cfg.optim.grad_clip_gen)
-    for m in models.values():
-        m.train()
-
-    def run(name: str) -> float:
-        model, criteria, optimizers, batch = state[name]
-        start = time.perf_counter()
-        if name == "gan_step":
-            gan_step(model, criteria, optimizers, None, batch, precision, clip)
-        else:
-            _bare_step(model, criteria, optimizers, batch, clip if name == "bare+clip" else None)
-        return time.perf_counter() - start
-
-    torch.manual_seed(0)
-    for _ in range(warmup):
-        for name in names:
-            run(name)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(reps):
-        order = names[rep % 3:] + names[:rep % 3]  # rotate so no variant always runs first
-        for name in order:
-            times[name].append(run(name))
-    # What our loop also does per step and the bare loop gets for free here: turn the typed batch
-    # into Coqui's dict (to_coqui, format_batch, format_batch_on_device computes the spectrograms).
-    format_times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        formatted(models["gan_step"])
-        format_times.append(time.perf_counter() - start)
-    params = sum(p.numel() for p in models["bare"].parameters())
-    disc = sum(p.numel() for p in models["bare"].disc.parameters())
-    return {"times": times, "format": format_times, "batch_audio": vits_batch.num_samples / cfg.audio.sample_rate,
-            "batch_len": len(vits_batch), "params": params, "disc_params": disc}
+def load(*extra: str) -> Config:
+    return load_config("tiny", RUN_OVERRIDES + list(extra))
 
 
-# --- 2. and 3. Ray Train runs and Coqui's Trainer ------------------------------------------
+def median(values) -> float:
+    return statistics.median(values)
+
 
 @contextlib.contextmanager
 def output_to(path: Path):
     """Send this process's stdout and stderr (file descriptors 1 and 2) to `path` for a while.
 
-    Coqui's trainer prints every step through a logging handler bound to the console at import
-    time, which `contextlib.redirect_stdout` does not reach.
+    Coqui's trainer and Ray's workers print through handlers bound to the console, which
+    `contextlib.redirect_stdout` does not reach.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "wb") as sink:
+    with open(path, "ab") as sink:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
@@ -147,132 +118,521 @@ def output_to(path: Path):
             os.close(saved[1])
 
 
-def read_steps(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r.get("kind") == "step"]
-
-
-def global_audio_per_step(cfg: Config, data_uri: str, steps: list[dict], world: int) -> list[float]:
-    """Seconds of audio each step trained on summed over all ranks, from the readers' own plans.
-
-    metrics.jsonl holds rank 0's batch only; every rank's plan is computable from the manifest.
-    """
-    from vits_ray.data.reader import ShardReader
+def open_data(data_uri: str):
     from vits_ray.data.shards import read_manifest
     from vits_ray.storage import open_store
 
     store = open_store(data_uri)
-    manifest = read_manifest(store)
-    readers = [ShardReader(store, manifest, "train", r, world, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
-                           max_batch_seconds=cfg.train.max_batch_seconds, pad_id=0, prefetch=0)
-               for r in range(world)]
-    out, index, epoch = [], 0, None
-    for record in steps:
-        if record["epoch"] != epoch:
-            epoch, index = record["epoch"], 0
-        samples = [int(rd.shard_lengths[b.shard][list(b.rows)].sum())
-                   for rd in readers for b in [rd.plan(epoch)[index]]]
-        if abs(samples[0] / cfg.audio.sample_rate - record["audio_seconds"]) > 1e-6:
-            raise RuntimeError(f"step {record['step']}: planned rank-0 audio does not match the metrics")
-        out.append(sum(samples) / cfg.audio.sample_rate)
-        index += 1
+    return store, read_manifest(store)
+
+
+def epoch_batches(cfg: Config, data_uri: str, pad_id: int, epoch: int = 0) -> list:
+    """Our reader's batches of `epoch` for rank 0 of 1, in plan order (what one worker trains on)."""
+    from vits_ray.data.reader import ShardReader
+
+    store, manifest = open_data(data_uri)
+    reader = ShardReader(store, manifest, "train", 0, 1, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
+                         max_batch_seconds=cfg.train.max_batch_seconds, pad_id=pad_id, prefetch=0)
+    return list(reader.iter_epoch(epoch))
+
+
+# --- 1. loop overhead ----------------------------------------------------------------------
+
+def bare_step(model, criteria, optimizers, batch, clip: tuple[float, float] | None) -> None:
+    """The least a correct VITS GAN loop does: zero, forward, backward, step; D then G."""
+    for index in (0, 1):
+        optimizers[index].zero_grad(set_to_none=True)
+        _, losses = model.train_step(batch, criteria[index], index)
+        losses["loss"].backward()
+        if clip is not None:
+            params = [p for group in optimizers[index].param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, clip[index])
+        optimizers[index].step()
+    model.model_outputs_cache = None
+
+
+def model_build(data_uri: str) -> dict:
+    """Build the tiny model and its optimizers once: the time it takes, the pad id, the sizes."""
+    from vits_ray.model import build_model, build_optimizers
+    from vits_ray.text import Vocabulary
+
+    cfg = load()
+    vocab = Vocabulary.from_dict(open_data(data_uri)[1]["vocab"])
+    started = time.perf_counter()
+    model = build_model(cfg, vocab)
+    build_optimizers(model, cfg)
+    return {"seconds": time.perf_counter() - started, "pad_id": int(model.tokenizer.characters.pad_id),
+            "vocab": vocab, "params": sum(p.numel() for p in model.parameters()),
+            "disc_params": sum(p.numel() for p in model.disc.parameters())}
+
+
+def loop_overhead(data_uri: str, built: dict, warmup: int, reps: int) -> dict:
+    from vits_ray.model import build_model, build_optimizers
+    from vits_ray.step import Precision, gan_step
+
+    cfg = load()
+    unfused = load("optim.fused=false")
+    vocab = built["vocab"]
+    full = [b for b in epoch_batches(cfg, data_uri, built["pad_id"]) if len(b) == cfg.train.batch_size]
+    vits_batch = max(full, key=lambda b: b.num_samples)  # the fullest batch: a typical working size
+
+    optimizer_of = {"bare": lambda m: m.get_optimizer(), "bare+clip": lambda m: m.get_optimizer(),
+                    "gan_step fused": lambda m: build_optimizers(m, cfg),
+                    "gan_step unfused": lambda m: build_optimizers(m, unfused)}
+    names = tuple(optimizer_of)
+    state = {}
+    for name in names:
+        model = build_model(cfg, vocab)  # same seed: identical weights
+        model.train()
+        batch = model.format_batch_on_device(model.format_batch(vits_batch.to_coqui("cpu")))
+        state[name] = (model, model.get_criterion(), optimizer_of[name](model), batch)
+    assert type(state["gan_step fused"][2][0]).__name__ == "AdamW" and state["gan_step fused"][2][0].defaults["fused"]
+    assert not state["gan_step unfused"][2][0].defaults.get("fused")
+    precision = Precision.resolve("no", "cpu")
+    clip = (cfg.optim.grad_clip_disc, cfg.optim.grad_clip_gen)
+
+    def run(name: str) -> float:
+        model, criteria, optimizers, batch = state[name]
+        start = time.perf_counter()
+        if name.startswith("gan_step"):
+            gan_step(model, criteria, optimizers, None, batch, precision, clip)
+        else:
+            bare_step(model, criteria, optimizers, batch, clip if name == "bare+clip" else None)
+        return time.perf_counter() - start
+
+    torch.manual_seed(0)
+    for _ in range(warmup):
+        for name in names:
+            run(name)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]  # no variant always runs first
+        for name in order:
+            times[name].append(run(name))
+    return {"times": times, "batch_audio": vits_batch.num_samples / cfg.audio.sample_rate,
+            "batch_len": len(vits_batch), "params": built["params"], "disc_params": built["disc_params"]}
+
+
+def print_overhead(r: dict) -> None:
+    times = r["times"]
+    med = {n: median(t) for n, t in times.items()}
+    low = {n: min(t) for n, t in times.items()}  # the least disturbed by other load on the machine
+    print(f"\n1. Loop overhead: one batch ({r['batch_len']} utterances, {r['batch_audio']:.2f} s of audio), "
+          f"{len(times['bare'])} interleaved repetitions; model {r['params'] / 1e6:.1f}M parameters "
+          f"({r['disc_params'] / 1e6:.1f}M discriminator)")
+    print(f"   {'loop':<17} {'median s':>9} {'min s':>7} {'max s':>7} {'median/bare':>11} {'min/bare':>8} "
+          f"{'median/bare+clip':>16}")
+    for name, values in times.items():
+        print(f"   {name:<17} {med[name]:9.3f} {low[name]:7.3f} {max(values):7.3f} {med[name] / med['bare']:11.3f} "
+              f"{low[name] / low['bare']:8.3f} {med[name] / med['bare+clip']:16.3f}")
+    for name, base in (("gan_step unfused", "bare+clip"), ("gan_step unfused", "bare"), ("gan_step fused", "bare")):
+        print(f"   {name} vs {base}: {100 * (med[name] / med[base] - 1):+.1f}% (median), "
+              f"{100 * (low[name] / low[base] - 1):+.1f}% (min)")
+    print("   (target < 5%; 'unfused vs bare+clip' is the loop alone: same optimizer, both clip)")
+
+
+# --- 2. host syncs -------------------------------------------------------------------------
+
+SYNC_METHODS = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy", "__index__")
+
+
+class SyncCounter:
+    """Counts calls of tensor-to-host methods by (step, calling module, method)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.calls: collections.Counter = collections.Counter()
+
+    @contextlib.contextmanager
+    def patched(self):
+        own = {name: torch.Tensor.__dict__[name] for name in SYNC_METHODS if name in torch.Tensor.__dict__}
+        for name in SYNC_METHODS:
+            setattr(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
+        try:
+            yield self
+        finally:
+            for name in SYNC_METHODS:
+                if name in own:
+                    setattr(torch.Tensor, name, own[name])
+                else:
+                    delattr(torch.Tensor, name)
+
+    def _counting(self, name: str, original):
+        counter = self
+
+        def counted(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "?")
+            counter.calls[(counter.step, caller, name)] += 1
+            return original(tensor, *args, **kwargs)
+
+        return counted
+
+
+# Who made the call. The reader's batch (vits_ray.data) is built on the host and only then copied
+# to the device, so its int()s read host memory: never a sync. Coqui's model code includes its
+# monotonic alignment search, a package of its own.
+CALLER_GROUPS = (("vits_ray.data", "vits_ray.data*"), ("vits_ray", "vits_ray"), ("TTS", "Coqui model"),
+                 ("monotonic_alignment_search", "Coqui model"), ("torch", "torch"))
+GROUPS = ("vits_ray", "vits_ray.data*", "Coqui model", "torch", "other")
+
+
+def caller_group(module: str) -> str:
+    for prefix, group in CALLER_GROUPS:
+        if module == prefix or module.startswith(prefix + "."):
+            return group
+    return "other"
+
+
+def host_syncs(data_uri: str, root: Path, steps: int) -> dict:
+    from ranks import DirectorySession
+
+    from vits_ray.train import TrainJob
+    from vits_ray.trainer import Trainer
+
+    cfg = load()
+    job = TrainJob(config=cfg.to_dict(), data_uri=data_uri, storage_uri=str(root), name="syncs", workers=1,
+                   max_steps=steps)
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    with output_to(root / "console.txt"):
+        trainer = Trainer(job, 0, 1, torch.device("cpu"), DirectorySession(root / "checkpoints", 0))
+    counter = SyncCounter()
+    synced, saved = set(), set()
+
+    def wrap(method, on_call):
+        def wrapped(*args, **kwargs):
+            on_call()
+            return method(*args, **kwargs)
+        return wrapped
+
+    def start_step() -> None:
+        counter.step = trainer.progress.step + 1
+
+    trainer.train_step = wrap(trainer.train_step, start_step)
+    trainer.sync = wrap(trainer.sync, lambda: synced.add(counter.step))
+    trainer.save = wrap(trainer.save, lambda: saved.add(counter.step))
+    with output_to(root / "console.txt"), counter.patched():
+        trainer.run()
+    trainer.close()
+    kinds = {s: "save" if s in saved else "sync" if s in synced else "plain" for s in range(1, steps + 1)}
+    return {"calls": counter.calls, "kinds": kinds, "steps": steps}
+
+
+def print_host_syncs(r: dict) -> None:
+    calls, kinds = r["calls"], r["kinds"]
+    groups = GROUPS
+    print(f"\n2. Host syncs per step: the real Trainer.run(), one rank in this process, {r['steps']} steps, "
+          f"log_step {LOG_STEP}, fp32 CPU (no GradScaler)")
+    print(f"   calls per step of {', '.join(SYNC_METHODS)}, by calling module (mean, max in brackets)")
+    print(f"   {'steps':<34} {'n':>3} " + " ".join(f"{g:>14}" for g in groups))
+    labels = {"plain": "plain (not a sync point)", "sync": "sync points (log step, epoch end)",
+              "save": "final step (sync + checkpoint)"}
+    for kind, label in labels.items():
+        steps = [s for s, k in kinds.items() if k == kind]
+        if not steps:
+            continue
+        per_step = {g: [sum(n for (s, m, _), n in calls.items() if s == step and caller_group(m) == g)
+                        for step in steps] for g in groups}
+        cells = " ".join(f"{statistics.mean(v):7.1f} ({max(v):>4})" for v in per_step.values())
+        print(f"   {labels[kind]:<34} {len(steps):>3} {cells}")
+    print("   which calls (per step, mean over the steps of that kind):")
+    for kind in labels:
+        steps = [s for s, k in kinds.items() if k == kind]
+        if not steps:
+            continue
+        by_site = collections.Counter()
+        for (s, module, method), n in calls.items():
+            if s in steps:
+                by_site[(module, method)] += n
+        listing = ", ".join(f"{m}.{meth} {n / len(steps):g}" for (m, meth), n in sorted(by_site.items()))
+        print(f"     {kind}: {listing or 'none'}")
+    print("   * vits_ray.data: int() of the reader's batch lengths, host tensors before the copy to the device "
+          "(on a GPU these read host memory; not a sync).")
+    print("   Not counted: implicit syncs in C++ (e.g. Coqui slicing by a 0-d tensor, x[:, :n], or a "
+          "tensor used as a size), and torch.distributed's own.")
+
+
+# --- 3. two workers: exposed gradient communication ----------------------------------------
+
+class FlatAllReduce:
+    """The previous gradient sync, as a baseline: after backward, one flat all-reduce, exposed.
+
+    The same interface as `GradientSync` (`overlapping()`, `finish()`, `wait_seconds`), so the
+    Trainer's `gan_step` runs it unchanged. `wait_seconds` is the whole of `finish()`: nothing of
+    it overlaps with backward.
+    """
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        self.wait_seconds = 0.0
+
+    def overlapping(self):
+        return contextlib.nullcontext()
+
+    def finish(self) -> None:
+        started = time.perf_counter()
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset: offset + n].view_as(g))
+            offset += n
+        self.wait_seconds = time.perf_counter() - started
+
+
+def timed_finish(sync) -> list[float]:
+    """Wrap `sync.finish` on the instance; returns the list each call's wall time is appended to."""
+    times: list[float] = []
+    original = sync.finish
+
+    def finish() -> None:
+        started = time.perf_counter()
+        original()
+        times.append(time.perf_counter() - started)
+
+    sync.finish = finish
+    return times
+
+
+def two_worker_rank(rank: int, world: int, data_uri: str, root: str, schedule: str) -> None:
+    """One rank of figure 3 (run by `tests/ranks.run_ranks` in its own process): `schedule` is a
+    string of 'O' (overlapped GradientSync) and 'F' (FlatAllReduce), one letter per step."""
+    from ranks import DirectorySession
+
+    from vits_ray.train import TrainJob
+    from vits_ray.trainer import Trainer
+
+    cfg = load("train.batch_size=2")
+    job = TrainJob(config=cfg.to_dict(), data_uri=data_uri, storage_uri=root, name="two", workers=world)
+    trainer = Trainer(job, rank, world, torch.device("cpu"), DirectorySession(Path(root) / "checkpoints", rank))
+    modes = {"O": trainer.grad_syncs, "F": tuple(FlatAllReduce(p for g in o.param_groups for p in g["params"])
+                                                  for o in trainer.optimizers)}
+    finish_times = {mode: [timed_finish(s) for s in syncs] for mode, syncs in modes.items()}
+    batches = itertools.chain.from_iterable(trainer.reader.iter_epoch(e) for e in itertools.count())
+    records = []
+    for index, mode in enumerate(schedule, start=1):
+        trainer.grad_syncs = modes[mode]
+        started = time.perf_counter()
+        batch = next(batches)
+        trainer.train_step(batch, trainer.reader.loader_time)
+        step_time = time.perf_counter() - started
+        records.append({"mode": mode, "step_time": step_time, "wait": sum(s.wait_seconds for s in modes[mode]),
+                        "finish": sum(t[-1] for t in finish_times[mode])})
+        if index % LOG_STEP == 0:
+            trainer.sync()  # as the loop does at a log step (not in the step time)
+    trainer.sync()
+    Path(root, f"rank{rank}.json").write_text(json.dumps(records))
+
+
+def two_workers(data_uri: str, root: Path, warmup: int, blocks: int, block: int) -> dict:
+    from ranks import run_ranks
+
+    schedule = "O" * warmup + "F" * warmup + ("O" * block + "F" * block) * blocks
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with output_to(root / "console.txt"):
+        failures = run_ranks(2, two_worker_rank, data_uri, str(root), schedule)
+    if failures:
+        raise RuntimeError(f"two-worker run failed: {failures}")
+    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+    steps = [{"mode": a["mode"], **{k: (a[k] + b[k]) / 2 for k in ("step_time", "wait", "finish")}}
+             for a, b in zip(*ranks)][2 * warmup:]
+    return {"steps": steps, "ranks": ranks, "wall": time.perf_counter() - started, "warmup": warmup}
+
+
+def print_two_workers(r: dict) -> None:
+    print(f"\n3. Two CPU workers (Trainer in 2 processes, gloo, 1 torch thread each, batch 2 per rank; "
+          f"{r['warmup']} warm-up steps per variant, blocks alternate; {r['wall']:.0f} s in all)")
+    print(f"   {'gradient sync':<32} {'steps':>5} {'median step s':>13} {'wait s/step':>11} {'wait share':>10} "
+          f"{'finish() s/step':>15} {'finish share':>12}")
+    rows = {}
+    for mode, label in (("O", "overlapped (GradientSync)"), ("F", "flat all-reduce after backward")):
+        steps = [s for s in r["steps"] if s["mode"] == mode]
+        total = sum(s["step_time"] for s in steps)
+        rows[mode] = row = {"n": len(steps), "median": median(s["step_time"] for s in steps),
+                            "wait": statistics.mean(s["wait"] for s in steps),
+                            "wait_share": sum(s["wait"] for s in steps) / total,
+                            "finish": statistics.mean(s["finish"] for s in steps),
+                            "finish_share": sum(s["finish"] for s in steps) / total}
+        print(f"   {label:<32} {row['n']:>5} {row['median']:13.3f} {row['wait']:11.3f} "
+              f"{100 * row['wait_share']:9.1f}% {row['finish']:15.3f} {100 * row['finish_share']:11.1f}%")
+    print(f"   step time overlapped / flat (median): {rows['O']['median'] / rows['F']['median']:.3f}; "
+          f"target: wait under 5% of the step")
+    for rank, records in enumerate(r["ranks"]):
+        steady = records[2 * r["warmup"]:]
+        shares = {m: sum(s["wait"] for s in steady if s["mode"] == m) / sum(s["step_time"] for s in steady
+                                                                            if s["mode"] == m) for m in "OF"}
+        print(f"   rank {rank}: wait share overlapped {100 * shares['O']:.1f}%, flat {100 * shares['F']:.1f}%")
+
+
+# --- 4. and 5. our run_training against Coqui's Trainer on the same batches ----------------
+
+def cold_imports() -> dict[str, float]:
+    """Seconds to import what a fresh process needs, cumulative, in a new interpreter."""
+    code = """
+import json, time
+t = time.perf_counter(); out = {}
+import torch; out["torch"] = time.perf_counter() - t
+import TTS.tts.models.vits; out["+ TTS Vits"] = time.perf_counter() - t
+import trainer; out["+ Coqui trainer"] = time.perf_counter() - t
+import ray.train.torch; out["+ ray.train.torch"] = time.perf_counter() - t
+import vits_ray.train, vits_ray.trainer, vits_ray.data.reader; out["+ vits_ray"] = time.perf_counter() - t
+print(json.dumps(out))
+"""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out["interpreter total"] = time.perf_counter() - started
     return out
 
 
-def ours(cfg: Config, data_uri: str, storage: Path, name: str, workers: int, steps: int) -> dict:
-    from vits_ray.train import TrainJob, run_training
-
-    job = TrainJob(config=cfg.to_dict(), data_uri=data_uri, storage_uri=str(storage), name=name,
-                   workers=workers, max_steps=steps, cpus_per_worker=1)
-    start = time.perf_counter()
-    run_training(job)
-    wall = time.perf_counter() - start
-    records = read_steps(storage / name)
-    audio = global_audio_per_step(cfg, data_uri, records, workers)
-    steady = records[WARMUP_STEPS:]
-    steady_audio = audio[WARMUP_STEPS:]
-    step_time = sum(r["step_time"] for r in steady)
-    return {"wall": wall, "steps": len(records), "audio_total": sum(audio),
-            "audio_per_step": sum(steady_audio) / len(steady_audio),
-            "steady_rate": sum(steady_audio) / step_time, "outside": wall - sum(r["step_time"] for r in records),
-            "median_step": statistics.median(r["step_time"] for r in steady),
-            "median_loader": statistics.median(r["loader_time"] for r in steady),
-            "e2e_rate": sum(audio) / wall}
+def newest_mtime(folder: Path) -> float:
+    return max(p.stat().st_mtime for p in folder.rglob("*") if p.is_file())
 
 
-def coqui(cfg: Config, corpus: Path, data_uri: str, out: Path, steps: int, epochs: int) -> dict:
-    from coqui_baseline import run_coqui_trainer
-    from vits_ray.data.shards import read_manifest
-    from vits_ray.report import load_run
-    from vits_ray.storage import open_store
-    from vits_ray.text import Vocabulary
+def ours(data_uri: str, storage: Path, steps: int) -> dict:
+    """`run_training` with one Ray worker, timed from outside (see the module docstring, 5)."""
+    from vits_ray.train import TrainJob, ensure_ray, preflight, run_training
 
-    vocab = Vocabulary.from_dict(read_manifest(open_store(data_uri))["vocab"])  # the same model as ours
-    start = time.perf_counter()
+    cfg = load()
+    job = TrainJob(config=cfg.to_dict(), data_uri=data_uri, storage_uri=str(storage), name="ours", workers=1,
+                   max_steps=steps, cpus_per_worker=1)
+    with output_to(storage / "console.txt"):
+        started = time.perf_counter()
+        ensure_ray()
+        ray_start = time.perf_counter() - started
+        started = time.perf_counter()
+        preflight(job)  # run_training does it again; timed apart here
+        preflight_seconds = time.perf_counter() - started
+        begin = time.time()
+        run_training(job)
+        end = time.time()
+    run = storage / "ours"
+    records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    checkpoints = sorted(run.glob("checkpoint_*"))
+    marks = {"begin": begin, "built": (run / "config.toml").stat().st_mtime,
+             "first step": records[0]["time"] - records[0]["step_time"], "last step": records[-1]["time"],
+             "checkpoint": newest_mtime(checkpoints[-1]), "export": newest_mtime(run / "export"),
+             "closed": (run / "metrics.jsonl").stat().st_mtime, "end": end}
+    return {"records": records, "marks": marks, "ray_start": ray_start, "preflight": preflight_seconds}
+
+
+def coqui_run(batches: list, vocab, out: Path) -> dict:
+    """Coqui's Trainer on `batches` (our VitsBatches, in order), in this process."""
+    from coqui_baseline import run_coqui_on_batches
+
     with output_to(out / "console.txt"):
-        run_dir = run_coqui_trainer(corpus, out, cfg, vocab=vocab, max_steps=steps, epochs=epochs, eval_samples=2)
-    call_wall = time.perf_counter() - start
-    stats = json.loads((run_dir / "coqui_baseline.json").read_text())
-    records = load_run(str(run_dir)).steps
-    # Coqui's step_time excludes the wait for the batch; ours includes it, so add loader_time back.
-    per_step = [r["step_time"] + r.get("loader_time", 0.0) for r in records]
-    steady = per_step[WARMUP_STEPS:]
-    # Coqui does not log a step's audio: steady state assumes the mean audio per step.
-    mean_audio = stats["audio_seconds_trained"] / max(stats["steps"], 1)
-    return {"audio_per_step": mean_audio, "wall": call_wall, "fit_wall": stats["wall_seconds"],
-            "outside": call_wall - sum(per_step),
-            "steps": stats["steps"], "logged_steps": len(records),
-            "audio_total": stats["audio_seconds_trained"], "steady_rate": mean_audio * len(steady) / sum(steady),
-            "median_step": statistics.median(steady),
-            "median_loader": statistics.median(r.get("loader_time", 0.0) for r in records[WARMUP_STEPS:]),
-            "e2e_rate": stats["audio_seconds_trained"] / call_wall,
-            "fit_rate": stats["audio_seconds_trained"] / stats["wall_seconds"]}
+        return run_coqui_on_batches([b.to_coqui("cpu") for b in batches], out, load(), vocab, print_step=LOG_STEP)
 
 
-# --- printing -----------------------------------------------------------------------------
+def throughput(run: dict, theirs: dict, batches: list, sample_rate: int) -> dict:
+    """Steady-state audio seconds per wall second, steps 3..N-1, for both loops (figure 4)."""
+    records, n = run["records"], len(batches)
+    audio = [b.num_samples / sample_rate for b in batches]
+    # The same utterances in the same batches: check what our run logged against Coqui's batches.
+    for record, batch, seconds in zip(records, batches, audio):
+        if record["batch_size"] != len(batch) or abs(record["audio_seconds"] - seconds) > 1e-6:
+            raise RuntimeError(f"step {record['step']}: our run trained on another batch than Coqui's")
+    if len(records) != n or len(theirs["step_starts"]) != n:
+        raise RuntimeError(f"steps: ours {len(records)}, Coqui's {len(theirs['step_starts'])}, batches {n}")
+    first, last = WARMUP_STEPS + 1, n - 1  # 1-based steps of the window
+    window_audio = sum(audio[first - 1: last])
+    ends = [r["time"] for r in records]  # end of each of our steps
+    our_wall = ends[last - 1] - ends[first - 2]
+    starts = theirs["step_starts"]
+    coqui_wall = starts[last] - starts[first - 1]
+    our_steps = [b - a for a, b in zip(ends[first - 2: last - 1], ends[first - 1: last])]
+    coqui_steps = [b - a for a, b in zip(starts[first - 1: last], starts[first: last + 1])]
+    steady = records[first - 1: last]
+    return {"steps": n, "window": (first, last), "audio": window_audio, "audio_per_step": window_audio / len(steady),
+            "ours": {"wall": our_wall, "rate": window_audio / our_wall, "median_step": median(our_steps),
+                     "loop_step_time": statistics.mean(r["step_time"] for r in steady),
+                     "loader": statistics.mean(r["loader_time"] for r in steady)},
+            "coqui": {"wall": coqui_wall, "rate": window_audio / coqui_wall, "median_step": median(coqui_steps)}}
 
-def print_overhead(result: dict, threads: int) -> None:
-    times = result["times"]
-    med = {n: statistics.median(t) for n, t in times.items()}
-    print(f"\n1. Loop overhead: one batch ({result['batch_len']} utterances, {result['batch_audio']:.2f} s of audio), "
-          f"{len(times['bare'])} interleaved repetitions, torch threads {threads}; "
-          f"model {result['params'] / 1e6:.1f}M parameters ({result['disc_params'] / 1e6:.1f}M discriminator)")
-    low = {n: min(t) for n, t in times.items()}  # the least disturbed by other load on the machine
-    print(f"   {'loop':<12} {'median s':>9} {'min s':>7} {'max s':>7} {'median/bare':>11} {'min/bare':>8}")
-    for name, values in times.items():
-        print(f"   {name:<12} {med[name]:9.3f} {low[name]:7.3f} {max(values):7.3f} "
-              f"{med[name] / med['bare']:11.3f} {low[name] / low['bare']:8.3f}")
-    print(f"   overhead of gan_step (median; min): {100 * (med['gan_step'] / med['bare'] - 1):+.1f}%; "
-          f"{100 * (low['gan_step'] / low['bare'] - 1):+.1f}% vs bare, "
-          f"{100 * (med['gan_step'] / med['bare+clip'] - 1):+.1f}%; "
-          f"{100 * (low['gan_step'] / low['bare+clip'] - 1):+.1f}% vs bare+clip (target < 5%)")
-    print(f"   batch formatting per step (to_coqui + format_batch + spectrograms, in both real loops): "
-          f"median {statistics.median(result['format']):.3f} s")
+
+def print_throughput(t: dict) -> None:
+    first, last = t["window"]
+    o, c = t["ours"], t["coqui"]
+    print(f"\n4. Throughput against Coqui's Trainer, like for like: the first {t['steps']} batches of our reader's "
+          f"epoch-0 plan in both; steady state steps {first}..{last} ({t['audio']:.1f} s of audio, "
+          f"{t['audio_per_step']:.2f} s per step)")
+    print(f"   {'loop':<40} {'wall s':>7} {'median step s':>13} {'audio s/s':>9}")
+    print(f"   {'ours: run_training, 1 Ray worker':<40} {o['wall']:7.2f} {o['median_step']:13.3f} {o['rate']:9.2f}")
+    print(f"   {'Coqui: Trainer.fit() in this process':<40} {c['wall']:7.2f} {c['median_step']:13.3f} {c['rate']:9.2f}")
+    print(f"   ours / Coqui's audio per second: {o['rate'] / c['rate']:.2f}x (goal >= 1.2x). Ours: mean step_time "
+          f"{o['loop_step_time']:.3f} s, of which waiting for the batch {o['loader']:.3f} s (shards from disk; "
+          f"Coqui's batches were already in memory)")
 
 
-def print_runs(rows: list[tuple[str, dict]]) -> None:
-    print(f"\n   {'run':<28} {'steps':>5} {'audio s/step':>12} {'median step s':>13} {'loader s':>8} "
-          f"{'steady audio s/s':>16} {'wall s':>7} {'outside steps s':>15} {'e2e audio s/s':>13}")
-    for name, r in rows:
-        print(f"   {name:<28} {r['steps']:>5} {r['audio_per_step']:12.2f} {r['median_step']:13.3f} "
-              f"{r['median_loader']:8.3f} {r['steady_rate']:16.2f} {r['wall']:7.1f} {r['outside']:15.1f} "
-              f"{r['e2e_rate']:13.2f}")
+def fixed_cost(run: dict, theirs: dict, imports: dict, build_seconds: float) -> None:
+    """Figure 5: the run outside its steps, by phase, ours and Coqui's."""
+    m = run["marks"]
+    phases = [("Ray start (ensure_ray, once per driver)", run["ray_start"]),
+              ("driver until config.toml: preflight, Ray Train worker start, imports, model build",
+               m["built"] - m["begin"]),
+              ("  of which preflight (timed apart)", run["preflight"]),
+              ("  of which cold imports, worker (torch, TTS, ray.train, vits_ray; fresh interpreter)",
+               imports["+ vits_ray"]),
+              ("  of which model + optimizers build (timed apart)", build_seconds),
+              ("rest of Trainer set-up (readers, capture of the start state) until step 1", m["first step"] - m["built"]),
+              ("steps (first start to last end)", m["last step"] - m["first step"]),
+              ("final sync + checkpoint (checksums, capture, write, Ray persists it)", m["checkpoint"] - m["last step"]),
+              ("export (model.pth + config.json)", m["export"] - m["checkpoint"]),
+              ("close (TensorBoard, records)", m["closed"] - m["export"]),
+              ("Ray Train wind-down until run_training returns", m["end"] - m["closed"])]
+    wall = m["end"] - m["begin"]
+    outside = wall - (m["last step"] - m["first step"])
+    print("\n5. Fixed cost of a run outside its steps (the runs of 4)")
+    print(f"   ours, run_training with 1 worker: {wall:.1f} s wall, {outside:.1f} s outside the steps "
+          f"(+ {run['ray_start']:.1f} s Ray start)")
+    for label, seconds in phases:
+        print(f"     {label:<88} {seconds:6.2f} s")
+    starts, ends = theirs["step_starts"], theirs["step_ends"]
+    coqui_steps = ends[-1] - starts[0]
+    coqui_wall = theirs["build"] + theirs["fit"]
+    print(f"   Coqui, Trainer in this process: {coqui_wall:.1f} s wall, {coqui_wall - coqui_steps:.1f} s outside "
+          f"the steps")
+    for label, seconds in (("model + Trainer construction", theirs["build"]),
+                           ("fit() until step 1", starts[0] - theirs["fit_start"]),
+                           ("steps (first start to last end)", coqui_steps),
+                           ("fit() after the last step", theirs["fit_end"] - ends[-1]),
+                           ("(one save_checkpoint() after fit, not in its run)", theirs["save_checkpoint"])):
+        print(f"     {label:<88} {seconds:6.2f} s")
+    print(f"   cold imports in a fresh interpreter (cumulative): "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in imports.items())
+          + "; Coqui's run pays torch + TTS + trainer, ours the lot in the worker (the driver imports ray too)")
 
+
+# --- main ---------------------------------------------------------------------------------
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and steps (about 2 minutes)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in this process (Ray workers use 1)")
-    parser.add_argument("--n", type=int, default=40, help="demo corpus size (utterances)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and steps")
+    parser.add_argument("--n", type=int, default=60, help="demo corpus size (utterances)")
+    parser.add_argument("--only", default="1,2,3,4", help="figures to run: 1, 2, 3, 4 (4 gives 5 too)")
     args = parser.parse_args()
-    warmup, reps = (1, 3) if args.quick else (2, 8)
-    steps = 6 if args.quick else 12
-    torch.set_num_threads(args.threads)
-    logging.getLogger("TTS").setLevel(logging.WARNING)
-    cfg = load_config("tiny", OVERRIDES)
-    print(f"bench_train: {len(os.sched_getaffinity(0))} CPU core(s), torch {torch.__version__}, "
-          f"torch threads {args.threads}, tiny recipe, batch {cfg.train.batch_size}, fp32"
-          f"{', --quick' if args.quick else ''}")
+    figures = {int(f) for f in args.only.split(",")}
+    warmup, reps = (1, 4) if args.quick else (2, 8)
+    sync_steps = 12 if args.quick else 22
+    blocks, block = (2, 2) if args.quick else (4, 2)
+    run_steps = 8 if args.quick else 14
+    torch.set_num_threads(1)
+    logging.getLogger("TTS").setLevel(logging.ERROR)  # "Could not identify language" once per model
+    cfg = load()
+    load_avg = os.getloadavg()
+    print(f"bench_train: {len(os.sched_getaffinity(0))} CPU core(s), torch {torch.__version__}, 1 torch thread "
+          f"per process, tiny recipe, batch {cfg.train.batch_size}, fp32{', --quick' if args.quick else ''}; "
+          f"load average {load_avg[0]:.2f} at start")
+
+    from vits_ray.data.ingest import prepare_corpus
+    from vits_ray.demo.corpus import write_demo_corpus
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
@@ -281,37 +641,29 @@ def main() -> None:
         summary = prepare_corpus(corpus, "ljspeech", data_uri, cfg, progress=False)
         print(f"demo corpus: {summary.accepted} utterances, {summary.accepted_seconds:.1f} s of audio")
 
-        overhead = loop_overhead(cfg, data_uri, warmup, reps)
-        print_overhead(overhead, args.threads)
+        built = model_build(data_uri)
+        if 1 in figures:
+            print_overhead(loop_overhead(data_uri, built, warmup, reps))
+        if 2 in figures:
+            print_host_syncs(host_syncs(data_uri, tmp / "syncs", sync_steps))
+        if 3 in figures:
+            print_two_workers(two_workers(data_uri, tmp / "two", warmup, blocks, block))
+        if 4 in figures:
+            batches = epoch_batches(cfg, data_uri, built["pad_id"])
+            if len(batches) < run_steps:
+                raise SystemExit(f"epoch 0 has {len(batches)} batches, fewer than {run_steps} steps: raise --n")
+            batches = batches[:run_steps]
+            imports = cold_imports()
+            theirs = coqui_run(batches, built["vocab"], tmp / "coqui")
+            import ray
 
-        import ray
-
-        start = time.perf_counter()
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-                 log_to_driver=False)
-        ray_start = time.perf_counter() - start
-        try:
-            one = ours(cfg, data_uri, tmp / "runs", "one_worker", 1, steps)
-            theirs = coqui(cfg, corpus, data_uri, tmp / "coqui", steps, epochs=2)
-            two = ours(cfg, data_uri, tmp / "runs", "two_workers", 2, steps)
-        finally:
-            ray.shutdown()
-
-        print(f"\n2. Throughput against Coqui's Trainer (steady state: steps after the first {WARMUP_STEPS}; "
-              f"Ray cluster start {ray_start:.1f} s, not in any wall figure)")
-        print_runs([("ours, run_training, 1 worker", one), ("Coqui Trainer (call)", theirs)])
-        print(f"   Coqui fit() alone: {theirs['fit_wall']:.1f} s, {theirs['fit_rate']:.2f} audio s/s; "
-              f"{theirs['steps']} steps ({theirs['logged_steps']} in its log)")
-        print(f"   ours / Coqui: median step time {one['median_step'] / theirs['median_step']:.2f}x; audio per second "
-              f"steady {one['steady_rate'] / theirs['steady_rate']:.2f}x, "
-              f"end to end {one['e2e_rate'] / theirs['e2e_rate']:.2f}x "
-              f"(vs fit() alone {one['e2e_rate'] / theirs['fit_rate']:.2f}x)")
-
-        print("\n3. Two Ray Train workers against one (gloo, 1 thread each; audio summed over ranks)")
-        print_runs([("1 worker", one), ("2 workers", two)])
-        print(f"   2 workers / 1: audio per second {two['steady_rate'] / one['steady_rate']:.2f}x steady, "
-              f"{two['e2e_rate'] / one['e2e_rate']:.2f}x end to end; median step time "
-              f"{two['median_step'] / one['median_step']:.2f}x")
+            try:
+                run = ours(data_uri, tmp / "runs", run_steps)
+            finally:
+                ray.shutdown()
+            print_throughput(throughput(run, theirs, batches, cfg.audio.sample_rate))
+            fixed_cost(run, theirs, imports, built["seconds"])
+        print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

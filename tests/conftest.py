@@ -5,6 +5,17 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def demo_corpus_dir(tmp_path_factory) -> Path:
     """A 24-utterance espeak-ng demo corpus (LJSpeech layout), written once per session."""
@@ -37,8 +48,12 @@ def ray_local(s3_server):
     Started after the S3 server so its workers inherit the endpoint and test credentials, as
     workers of a real cluster get theirs from their environment.
     """
+    import os
+
     import ray
 
+    # See the Makefile: Ray's metrics thread has crashed actors here; nothing reads the metrics.
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
     # Ray 2.60 turns token authentication on for a new local cluster and writes the token itself.
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     yield

@@ -167,8 +167,9 @@ def report(run, out_dir) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
 @click.option("--n", "count", default=40, show_default=True, help="Demo corpus size.")
 @click.option("--max-steps", default=40, show_default=True, help="Training steps.")
-def demo(out_dir, config_path, overrides, count, max_steps) -> None:
+@click.option("--workers", default=2, show_default=True, help="Data-parallel training workers (CPU).")
+def demo(out_dir, config_path, overrides, count, max_steps, workers) -> None:
     """The whole pipeline on the embedded demo corpus: corpus -> shards -> training -> report."""
     from vits_ray.demo.pipeline import run_demo
 
-    run_demo(Path(out_dir), load_or_exit(config_path, overrides), n=count, max_steps=max_steps)
+    run_demo(Path(out_dir), load_or_exit(config_path, overrides), n=count, max_steps=max_steps, workers=workers)

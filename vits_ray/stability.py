@@ -1,9 +1,9 @@
 """Detect training instability and decide what to do about it: pure logic, no torch, Ray or I/O.
 
-Coqui only logs a diverging GAN; this module turns the per-step metrics into decisions. The
-training loop on rank 0 feeds `StabilityGuard.observe` one dict of metrics per optimiser step and
-broadcasts the returned `Decision` to all ranks; the events in each decision are what the loop
-appends to `events.jsonl`.
+Coqui only logs a diverging GAN; this module turns the per-step metrics into decisions. Every
+rank of the training loop feeds `StabilityGuard.observe` the same all-reduced metrics, one dict per
+optimiser step, so every rank reaches the same decision without a broadcast; the events in each
+decision are what rank 0 appends to `events.jsonl`.
 
 Pieces, one job each:
 - `SpikeDetector`: robust online detector of upward jumps in one series (median + MADs).
@@ -381,7 +381,7 @@ class CheckpointCadence:
 # --- the guard ----------------------------------------------------------------------------
 
 class StabilityGuard:
-    """Turns per-step metrics into continue/rollback decisions; rank 0 only.
+    """Turns per-step metrics into continue/rollback decisions (on every rank, from identical inputs).
 
     - Non-finite step (any of FINITE_SERIES NaN/inf, or a skipped_* flag set): a `nonfinite`
       event; the step feeds no detector. `max_consecutive_nonfinite` in a row -> rollback.

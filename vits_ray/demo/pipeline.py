@@ -1,7 +1,7 @@
 """`make demo`: the whole pipeline on the embedded demo corpus, all local.
 
 demo corpus (espeak-ng Bangla) -> `prepare` into shards -> train the tiny model on local Ray
--> report. Everything lands under one folder so a user can look at each stage's output.
+(two data-parallel workers) -> report. Everything lands under one folder so a user can look at each stage's output.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from vits_ray.config import Config
 
 
-def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40) -> None:
+def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, workers: int = 2) -> None:
     from vits_ray.data.ingest import prepare_corpus
     from vits_ray.demo.corpus import write_demo_corpus
     from vits_ray.report import write_report
@@ -29,9 +29,10 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40) ->
     summary = prepare_corpus(corpus, "ljspeech", str(shards), config, progress=False)
     print(summary.format_text(), flush=True)
 
-    print(f"[demo] 3/4 train: tiny VITS on local Ray, CPU, {max_steps} steps -> {runs}/demo", flush=True)
+    print(f"[demo] 3/4 train: tiny VITS on local Ray, CPU, {workers} data-parallel workers, {max_steps} steps"
+          f" -> {runs}/demo", flush=True)
     job = TrainJob(config=config.to_dict(), data_uri=str(shards), storage_uri=str(runs), name="demo",
-                   max_steps=max_steps)
+                   max_steps=max_steps, workers=workers)
     outcome = run_training(job)
 
     report_dir = out_dir / "report"

@@ -1,0 +1,113 @@
+"""The GPU paths: fp16 with the GradScaler, bf16, NCCL collectives, the reference 83M model.
+
+Marked `gpu`: skipped on machines without CUDA (CI here has none); run them where a GPU is lent:
+`pytest -m gpu tests/test_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ranks import DirectorySession
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def _run(prepared_demo, root: Path, precision: str, steps: int = 6, overrides=()):
+    from vits_ray.config import load_config
+    from vits_ray.train import TrainJob
+    from vits_ray.trainer import Trainer
+
+    cfg = load_config("tiny", ["train.batch_size=2", f"train.mixed_precision={precision}", "train.log_step=3",
+                               *overrides])
+    job = TrainJob(config=cfg.to_dict(), data_uri=str(prepared_demo), storage_uri=str(root), name="gpu",
+                   max_steps=steps, use_gpu=True)
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(job, 0, 1, torch.device("cuda", 0), DirectorySession(root / "checkpoints", 0))
+    trainer.run()
+    trainer.close()
+    return trainer, [json.loads(line) for line in (root / "gpu" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_tiny_run_on_one_gpu(prepared_demo, tmp_path, precision):
+    trainer, records = _run(prepared_demo, tmp_path, precision)
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert all(math.isfinite(r["loss_1"]) for r in steps if not r["skipped_1"])
+    assert sum(r["skipped_1"] for r in steps) <= 2  # a fresh GradScaler may overflow once or twice
+    if precision == "fp16":
+        assert trainer.scaler is not None and all(r["amp_scale"] > 0 for r in steps)
+    else:
+        assert trainer.scaler is None and all(r["amp_scale"] == 1.0 for r in steps)
+    assert all(p.device.type == "cuda" for p in trainer.model.parameters())
+    state = torch.load(sorted((tmp_path / "checkpoints").glob("checkpoint_*"))[-1] / "state.pt",
+                       map_location="cpu", weights_only=False)
+    assert "cuda" in state["rng"][0]  # only the training GPU's generator is saved
+
+
+def test_nccl_collectives_on_one_gpu(tmp_path):
+    """A one-rank NCCL group: the packed reduction and a gradient bucket run on the GPU."""
+    import os
+
+    import torch.distributed as dist
+
+    from vits_ray.distributed import Collectives, GradientSync
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    dist.init_process_group("cpu:gloo,cuda:nccl", rank=0, world_size=1)
+    try:
+        device = torch.device("cuda", 0)
+        comm = Collectives(device)
+        comm.world_size = 2  # exercise the collectives although the group has one rank
+        packed = comm.all_reduce_sum(torch.ones(3, device=device))
+        assert packed.tolist() == [1.0, 1.0, 1.0]
+        layer = torch.nn.Linear(8, 8).to(device)
+        sync = GradientSync(list(layer.parameters()), comm, bucket_bytes=64)
+        with sync.overlapping():
+            layer(torch.ones(2, 8, device=device)).sum().backward()
+        sync.finish()
+        assert all(p.grad is not None for p in layer.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reference_model_step_on_one_gpu(prepared_demo):
+    """The 83M reference recipe: one fp16 step fits and runs; prints s/step against a bare loop."""
+    from vits_ray.config import load_config
+    from vits_ray.data.reader import ShardReader
+    from vits_ray.data.shards import read_manifest
+    from vits_ray.model import build_model, build_optimizers, count_parameters
+    from vits_ray.step import Precision, gan_step
+    from vits_ray.storage import open_store
+    from vits_ray.text import Vocabulary
+
+    cfg = load_config("bn_bd_vits", ["train.batch_size=8"])
+    store = open_store(str(prepared_demo))
+    manifest = read_manifest(store)
+    vocab = Vocabulary.from_dict(manifest["vocab"])
+    model = build_model(cfg, vocab).cuda()
+    assert count_parameters(model) > 60_000_000
+    optimizers = build_optimizers(model, cfg)
+    criteria = model.get_criterion()
+    scaler = torch.amp.GradScaler("cuda")
+    reader = ShardReader(store, manifest, "train", 0, 1, seed=0, batch_size=8, max_batch_seconds=120,
+                         pad_id=vocab.pad_id)
+    batch = next(iter(reader.iter_epoch(0)))
+    formatted = model.format_batch_on_device(model.format_batch(batch.to_coqui("cuda")))
+    precision = Precision.resolve("fp16", "cuda")
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        gan_step(model, criteria, optimizers, scaler, formatted, precision, (1000.0, 1000.0))
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    print(f"reference recipe, fp16, batch {len(batch)}: {min(times[1:]):.3f} s/step (min of 4 after warm-up)")
+    assert torch.isfinite(torch.cat([p.detach().reshape(-1) for p in model.parameters()])).all()

@@ -1,0 +1,100 @@
+"""Inside the scaled-out loop: two real processes in a real gloo group running the real Trainer.
+
+These tests reach into the loop (break its gradient sync, record what every collective receives),
+which a Ray worker would not let them do; `tests/ranks.py` runs the same Trainer without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ranks import DirectorySession, run_ranks
+
+pytestmark = pytest.mark.slow
+
+COLLECTIVES = ("all_reduce", "all_gather_object", "broadcast", "all_gather", "all_gather_into_tensor",
+               "reduce_scatter_tensor", "broadcast_object_list")
+
+
+def _trainer(rank: int, world: int, shards: str, root: Path, steps: int, overrides=()):
+    from vits_ray.config import load_config
+    from vits_ray.train import TrainJob
+    from vits_ray.trainer import Trainer
+
+    cfg = load_config("tiny", ["train.batch_size=2", *overrides])
+    job = TrainJob(config=cfg.to_dict(), data_uri=shards, storage_uri=str(root), name="run", workers=world,
+                   max_steps=steps)
+    return Trainer(job, rank, world, torch.device("cpu"), DirectorySession(root / "checkpoints", rank))
+
+
+def _unsynchronised(rank: int, world: int, shards: str, root: Path) -> None:
+    trainer = _trainer(rank, world, shards, root, steps=2)
+    trainer.grad_syncs = (None, None)  # every rank keeps its own gradients
+    trainer.run()
+
+
+def test_broken_gradient_sync_is_caught_by_checksums(prepared_demo, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    failures = run_ranks(2, _unsynchronised, str(prepared_demo), tmp_path)
+    assert failures and all("parameters differ across ranks at step 2" in tb for _, tb in failures), failures
+    # the divergence was recorded, and never saved as a checkpoint
+    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"checkpoint"' in line][-1]
+    assert record["param_checksums"][0] != record["param_checksums"][1]
+    assert not list((tmp_path / "checkpoints").glob("checkpoint_*"))
+
+
+def _recording_collectives(rank: int, world: int, shards: str, root: Path) -> None:
+    import torch.distributed as dist
+
+    seen: list[tuple[str, str]] = []
+
+    def recorder(name, original):
+        def call(*args, **kwargs):
+            tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, list) for t in a if isinstance(t, torch.Tensor)]
+            seen.extend((name, str(t.device)) for t in tensors)
+            if not tensors:
+                seen.append((name, "object"))
+            return original(*args, **kwargs)
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, recorder(name, getattr(dist, name)))
+    trainer = _trainer(rank, world, shards, root, steps=3,
+                       overrides=["train.log_step=3", "train.val_step=3", "train.save_step=3"])
+    trainer.run()
+    (root / f"collectives-{rank}.json").write_text(json.dumps({"device": str(trainer.device), "seen": seen}))
+
+
+def test_every_collective_gets_a_tensor_on_the_training_device(prepared_demo, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    assert run_ranks(2, _recording_collectives, str(prepared_demo), tmp_path) == []
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"collectives-{rank}.json").read_text())
+        tensor_calls = [(name, device) for name, device in found["seen"] if device != "object"]
+        # gradient buckets (2 optimizers x 3 steps), one packed metrics reduction, one validation
+        assert len([n for n, _ in tensor_calls if n == "all_reduce"]) >= 2 * 3 + 2, tensor_calls
+        assert {device for _, device in tensor_calls} == {found["device"]}, tensor_calls
+        # pickled objects only at checkpoints (RNG states, checksums), never per step
+        objects = [name for name, device in found["seen"] if device == "object"]
+        assert len(objects) <= 4, objects
+
+
+def _per_rank_seeds(rank: int, world: int, shards: str, root: Path) -> None:
+    trainer = _trainer(rank, world, shards, root, steps=1)
+    (root / f"draw-{rank}.json").write_text(json.dumps(torch.rand(4).tolist()))
+    params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+    (root / f"params-{rank}.json").write_text(json.dumps(params[:64].tolist()))
+
+
+def test_ranks_start_from_identical_weights_with_their_own_randomness(prepared_demo, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    assert run_ranks(2, _per_rank_seeds, str(prepared_demo), tmp_path) == []
+    read = lambda name: json.loads((tmp_path / name).read_text())  # noqa: E731
+    assert read("params-0.json") == read("params-1.json")
+    assert read("draw-0.json") != read("draw-1.json")
