@@ -156,6 +156,8 @@ def model_build(data_uri: str) -> dict:
     from vits_ray.model import build_model, build_optimizers
     from vits_ray.text import Vocabulary
 
+    from TTS.tts.models.vits import Vits  # noqa: F401  (imported before the clock starts)
+
     cfg = load()
     vocab = Vocabulary.from_dict(open_data(data_uri)[1]["vocab"])
     started = time.perf_counter()
@@ -441,16 +443,21 @@ def two_workers(data_uri: str, root: Path, warmup: int, blocks: int, block: int)
     if failures:
         raise RuntimeError(f"two-worker run failed: {failures}")
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
-    steps = [{"mode": a["mode"], **{k: (a[k] + b[k]) / 2 for k in ("step_time", "wait", "finish")}}
-             for a, b in zip(*ranks)][2 * warmup:]
+    # A rank that reaches a collective first also waits for the other's backward to end (skew); the
+    # rank that arrives last waits for the communication alone: the min over ranks.
+    steps = [{"mode": a["mode"], **{k: (a[k] + b[k]) / 2 for k in ("step_time", "wait", "finish")},
+              "wait_min": min(a["wait"], b["wait"])} for a, b in zip(*ranks)][2 * warmup:]
     return {"steps": steps, "ranks": ranks, "wall": time.perf_counter() - started, "warmup": warmup}
 
 
 def print_two_workers(r: dict) -> None:
     print(f"\n3. Two CPU workers (Trainer in 2 processes, gloo, 1 torch thread each, batch 2 per rank; "
-          f"{r['warmup']} warm-up steps per variant, blocks alternate; {r['wall']:.0f} s in all)")
-    print(f"   {'gradient sync':<32} {'steps':>5} {'median step s':>13} {'wait s/step':>11} {'wait share':>10} "
-          f"{'finish() s/step':>15} {'finish share':>12}")
+          f"{r['warmup']} warm-up steps per variant, then blocks of each in turn; {r['wall']:.0f} s in all)")
+    print("   wait: time finish() waited for the all-reduce (and copied the averages back), per step, D + G;")
+    print("   mean of the ranks, and min of the ranks (the rank that reached the all-reduce last: communication "
+          "without skew)")
+    print(f"   {'gradient sync':<32} {'steps':>5} {'median step s':>13} {'wait s':>7} {'share':>6} "
+          f"{'wait min s':>10} {'share':>6} {'finish() s':>10}")
     rows = {}
     for mode, label in (("O", "overlapped (GradientSync)"), ("F", "flat all-reduce after backward")):
         steps = [s for s in r["steps"] if s["mode"] == mode]
@@ -458,17 +465,13 @@ def print_two_workers(r: dict) -> None:
         rows[mode] = row = {"n": len(steps), "median": median(s["step_time"] for s in steps),
                             "wait": statistics.mean(s["wait"] for s in steps),
                             "wait_share": sum(s["wait"] for s in steps) / total,
-                            "finish": statistics.mean(s["finish"] for s in steps),
-                            "finish_share": sum(s["finish"] for s in steps) / total}
-        print(f"   {label:<32} {row['n']:>5} {row['median']:13.3f} {row['wait']:11.3f} "
-              f"{100 * row['wait_share']:9.1f}% {row['finish']:15.3f} {100 * row['finish_share']:11.1f}%")
+                            "wait_min": statistics.mean(s["wait_min"] for s in steps),
+                            "min_share": sum(s["wait_min"] for s in steps) / total,
+                            "finish": statistics.mean(s["finish"] for s in steps)}
+        print(f"   {label:<32} {row['n']:>5} {row['median']:13.3f} {row['wait']:7.3f} {100 * row['wait_share']:5.1f}% "
+              f"{row['wait_min']:10.3f} {100 * row['min_share']:5.1f}% {row['finish']:10.3f}")
     print(f"   step time overlapped / flat (median): {rows['O']['median'] / rows['F']['median']:.3f}; "
           f"target: wait under 5% of the step")
-    for rank, records in enumerate(r["ranks"]):
-        steady = records[2 * r["warmup"]:]
-        shares = {m: sum(s["wait"] for s in steady if s["mode"] == m) / sum(s["step_time"] for s in steady
-                                                                            if s["mode"] == m) for m in "OF"}
-        print(f"   rank {rank}: wait share overlapped {100 * shares['O']:.1f}%, flat {100 * shares['F']:.1f}%")
 
 
 # --- 4. and 5. our run_training against Coqui's Trainer on the same batches ----------------
@@ -496,6 +499,38 @@ def newest_mtime(folder: Path) -> float:
     return max(p.stat().st_mtime for p in folder.rglob("*") if p.is_file())
 
 
+def ray_actor_starts(since: float) -> dict[str, list[float]]:
+    """When each Ray actor process started (time.time()), from this Ray session's log files, for the
+    actors started after `since`. Best effort: Ray's log layout is not an API; {} if it changes.
+
+    A worker's `worker-*-PID.out` names its actor on its second line; `python-core-worker-*_PID.log`
+    starts with a timestamped line written as the process comes up.
+    """
+    import datetime
+
+    import ray
+
+    try:
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    except AttributeError:
+        logs = Path("/tmp/ray/session_latest/logs")
+    starts: dict[str, list[float]] = collections.defaultdict(list)
+    for out in logs.glob("worker-*.out"):
+        lines = out.read_text(errors="replace").splitlines()[:2]
+        pid = out.stem.rsplit("-", 1)[-1]
+        core = list(logs.glob(f"python-core-worker-*_{pid}.log"))
+        if len(lines) < 2 or not lines[1].startswith(":actor_name:") or not core:
+            continue
+        stamp = core[0].read_text(errors="replace")[1:24]  # [2026-11-25 13:50:51,557 ...
+        try:
+            started = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue
+        if started >= since:
+            starts[lines[1].removeprefix(":actor_name:")].append(started)
+    return dict(starts)
+
+
 def ours(data_uri: str, storage: Path, steps: int) -> dict:
     """`run_training` with one Ray worker, timed from outside (see the module docstring, 5)."""
     from vits_ray.train import TrainJob, ensure_ray, preflight, run_training
@@ -513,14 +548,17 @@ def ours(data_uri: str, storage: Path, steps: int) -> dict:
         begin = time.time()
         run_training(job)
         end = time.time()
+    actors = ray_actor_starts(begin)
     run = storage / "ours"
     records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
-    checkpoints = sorted(run.glob("checkpoint_*"))
-    marks = {"begin": begin, "built": (run / "config.toml").stat().st_mtime,
+    checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())  # not Ray's checkpoint_manager files
+    marks = {"begin": begin, "worker": min(actors.get("RayTrainWorker", [float("nan")])),
+             "built": (run / "config.toml").stat().st_mtime,
              "first step": records[0]["time"] - records[0]["step_time"], "last step": records[-1]["time"],
              "checkpoint": newest_mtime(checkpoints[-1]), "export": newest_mtime(run / "export"),
              "closed": (run / "metrics.jsonl").stat().st_mtime, "end": end}
-    return {"records": records, "marks": marks, "ray_start": ray_start, "preflight": preflight_seconds}
+    return {"records": records, "marks": marks, "ray_start": ray_start, "preflight": preflight_seconds,
+            "actors": actors}
 
 
 def coqui_run(batches: list, vocab, out: Path) -> dict:
@@ -531,7 +569,7 @@ def coqui_run(batches: list, vocab, out: Path) -> dict:
         return run_coqui_on_batches([b.to_coqui("cpu") for b in batches], out, load(), vocab, print_step=LOG_STEP)
 
 
-def throughput(run: dict, theirs: dict, batches: list, sample_rate: int) -> dict:
+def throughput(run: dict, coquis: list[dict], batches: list, sample_rate: int) -> dict:
     """Steady-state audio seconds per wall second, steps 3..N-1, for both loops (figure 4)."""
     records, n = run["records"], len(batches)
     audio = [b.num_samples / sample_rate for b in batches]
@@ -539,48 +577,60 @@ def throughput(run: dict, theirs: dict, batches: list, sample_rate: int) -> dict
     for record, batch, seconds in zip(records, batches, audio):
         if record["batch_size"] != len(batch) or abs(record["audio_seconds"] - seconds) > 1e-6:
             raise RuntimeError(f"step {record['step']}: our run trained on another batch than Coqui's")
-    if len(records) != n or len(theirs["step_starts"]) != n:
-        raise RuntimeError(f"steps: ours {len(records)}, Coqui's {len(theirs['step_starts'])}, batches {n}")
+    if len(records) != n or any(len(c["step_starts"]) != n for c in coquis):
+        raise RuntimeError(f"steps: ours {len(records)}, Coqui's {[len(c['step_starts']) for c in coquis]}, "
+                           f"batches {n}")
     first, last = WARMUP_STEPS + 1, n - 1  # 1-based steps of the window
     window_audio = sum(audio[first - 1: last])
     ends = [r["time"] for r in records]  # end of each of our steps
-    our_wall = ends[last - 1] - ends[first - 2]
-    starts = theirs["step_starts"]
-    coqui_wall = starts[last] - starts[first - 1]
     our_steps = [b - a for a, b in zip(ends[first - 2: last - 1], ends[first - 1: last])]
-    coqui_steps = [b - a for a, b in zip(starts[first - 1: last], starts[first: last + 1])]
     steady = records[first - 1: last]
-    return {"steps": n, "window": (first, last), "audio": window_audio, "audio_per_step": window_audio / len(steady),
-            "ours": {"wall": our_wall, "rate": window_audio / our_wall, "median_step": median(our_steps),
-                     "loop_step_time": statistics.mean(r["step_time"] for r in steady),
-                     "loader": statistics.mean(r["loader_time"] for r in steady)},
-            "coqui": {"wall": coqui_wall, "rate": window_audio / coqui_wall, "median_step": median(coqui_steps)}}
+    out = {"steps": n, "window": (first, last), "audio": window_audio, "audio_per_step": window_audio / len(steady),
+           "ours": {"wall": sum(our_steps), "median_step": median(our_steps),
+                    "loop_step_time": statistics.mean(r["step_time"] for r in steady),
+                    "loader": statistics.mean(r["loader_time"] for r in steady)},
+           "coqui": []}
+    for c in coquis:
+        starts = c["step_starts"]
+        steps = [b - a for a, b in zip(starts[first - 1: last], starts[first: last + 1])]
+        out["coqui"].append({"wall": sum(steps), "median_step": median(steps)})
+    for row in [out["ours"]] + out["coqui"]:
+        row["rate"] = window_audio / row["wall"]
+    out["coqui_rate"] = window_audio / statistics.mean(c["wall"] for c in out["coqui"])
+    return out
 
 
 def print_throughput(t: dict) -> None:
     first, last = t["window"]
-    o, c = t["ours"], t["coqui"]
+    o = t["ours"]
     print(f"\n4. Throughput against Coqui's Trainer, like for like: the first {t['steps']} batches of our reader's "
           f"epoch-0 plan in both; steady state steps {first}..{last} ({t['audio']:.1f} s of audio, "
           f"{t['audio_per_step']:.2f} s per step)")
-    print(f"   {'loop':<40} {'wall s':>7} {'median step s':>13} {'audio s/s':>9}")
-    print(f"   {'ours: run_training, 1 Ray worker':<40} {o['wall']:7.2f} {o['median_step']:13.3f} {o['rate']:9.2f}")
-    print(f"   {'Coqui: Trainer.fit() in this process':<40} {c['wall']:7.2f} {c['median_step']:13.3f} {c['rate']:9.2f}")
-    print(f"   ours / Coqui's audio per second: {o['rate'] / c['rate']:.2f}x (goal >= 1.2x). Ours: mean step_time "
-          f"{o['loop_step_time']:.3f} s, of which waiting for the batch {o['loader']:.3f} s (shards from disk; "
-          f"Coqui's batches were already in memory)")
+    print(f"   {'loop':<48} {'wall s':>7} {'median step s':>13} {'audio s/s':>9}")
+    rows = [("ours: run_training, 1 Ray worker", o)]
+    rows += [(f"Coqui: Trainer.fit() in this process, {when}", c)
+             for when, c in zip(("before ours", "after ours"), t["coqui"])]
+    for label, row in rows:
+        print(f"   {label:<48} {row['wall']:7.2f} {row['median_step']:13.3f} {row['rate']:9.2f}")
+    print(f"   ours / Coqui's audio per second: {o['rate'] / t['coqui_rate']:.2f}x against the mean of Coqui's runs "
+          f"(goal >= 1.2x); median step time ours / Coqui's: "
+          f"{o['median_step'] / statistics.mean(c['median_step'] for c in t['coqui']):.2f}")
+    print(f"   ours: mean step_time {o['loop_step_time']:.3f} s, of which waiting for the batch {o['loader']:.3f} s "
+          f"(shards read from disk; Coqui's batches were in memory)")
 
 
 def fixed_cost(run: dict, theirs: dict, imports: dict, build_seconds: float) -> None:
     """Figure 5: the run outside its steps, by phase, ours and Coqui's."""
     m = run["marks"]
+    others = sorted(name for name in run["actors"] if name != "RayTrainWorker")
     phases = [("Ray start (ensure_ray, once per driver)", run["ray_start"]),
-              ("driver until config.toml: preflight, Ray Train worker start, imports, model build",
-               m["built"] - m["begin"]),
+              ("run_training until the worker process starts: preflight, Ray Train controller, actors",
+               m["worker"] - m["begin"]),
               ("  of which preflight (timed apart)", run["preflight"]),
-              ("  of which cold imports, worker (torch, TTS, ray.train, vits_ray; fresh interpreter)",
+              ("worker start until config.toml: imports, process group, model build", m["built"] - m["worker"]),
+              ("  for comparison: cold imports in a fresh interpreter (torch, TTS, ray.train, vits_ray)",
                imports["+ vits_ray"]),
-              ("  of which model + optimizers build (timed apart)", build_seconds),
+              ("  for comparison: model + optimizers build in this process", build_seconds),
               ("rest of Trainer set-up (readers, capture of the start state) until step 1", m["first step"] - m["built"]),
               ("steps (first start to last end)", m["last step"] - m["first step"]),
               ("final sync + checkpoint (checksums, capture, write, Ray persists it)", m["checkpoint"] - m["last step"]),
@@ -589,11 +639,12 @@ def fixed_cost(run: dict, theirs: dict, imports: dict, build_seconds: float) -> 
               ("Ray Train wind-down until run_training returns", m["end"] - m["closed"])]
     wall = m["end"] - m["begin"]
     outside = wall - (m["last step"] - m["first step"])
-    print("\n5. Fixed cost of a run outside its steps (the runs of 4)")
+    print("\n5. Fixed cost of a run outside its steps (the runs of 4; Coqui's first run)")
     print(f"   ours, run_training with 1 worker: {wall:.1f} s wall, {outside:.1f} s outside the steps "
           f"(+ {run['ray_start']:.1f} s Ray start)")
     for label, seconds in phases:
         print(f"     {label:<88} {seconds:6.2f} s")
+    print(f"   Ray Train started {len(others)} actor processes besides the worker: {', '.join(others) or 'none found'}")
     starts, ends = theirs["step_starts"], theirs["step_ends"]
     coqui_steps = ends[-1] - starts[0]
     coqui_wall = theirs["build"] + theirs["fit"]
@@ -654,14 +705,15 @@ def main() -> None:
                 raise SystemExit(f"epoch 0 has {len(batches)} batches, fewer than {run_steps} steps: raise --n")
             batches = batches[:run_steps]
             imports = cold_imports()
-            theirs = coqui_run(batches, built["vocab"], tmp / "coqui")
             import ray
 
+            theirs = coqui_run(batches, built["vocab"], tmp / "coqui-before")
             try:
                 run = ours(data_uri, tmp / "runs", run_steps)
             finally:
                 ray.shutdown()
-            print_throughput(throughput(run, theirs, batches, cfg.audio.sample_rate))
+            theirs_after = coqui_run(batches, built["vocab"], tmp / "coqui-after")
+            print_throughput(throughput(run, [theirs, theirs_after], batches, cfg.audio.sample_rate))
             fixed_cost(run, theirs, imports, built["seconds"])
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

@@ -217,7 +217,11 @@ class Trainer:
                   "path": f"checkpoint_{self.progress.step:08d}", "param_checksums": checksums,
                   "best": self.progress.best_step == self.progress.step}
         self.logger.log(record)
-        check_checksums(checksums, self.progress.step)
+        try:
+            check_checksums(checksums, self.progress.step)
+        except RuntimeError:
+            self.logger.flush()  # the evidence (each rank's checksum) outlives the run
+            raise
         if len({g for _, g in agreed}) > 1:
             raise RuntimeError(f"step {self.progress.step}: the stability guard's state differs across ranks "
                                f"({[g for _, g in agreed]}); their decisions can no longer be trusted to agree")
