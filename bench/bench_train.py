@@ -22,30 +22,32 @@ measures, all fp32 on the CPU with one torch thread per process (Ray workers wit
    host sync, except `cpu()`/`numpy()` of tensors already on the host. Not caught: syncs inside
    C++ (e.g. Coqui slicing a tensor by a 0-d tensor, `x[:, :n]`) and in `torch.distributed`.
 3. Gradient communication backward did not hide, two CPU workers. The real `Trainer` in two
-   processes joined by gloo (`tests/ranks.py`, no Ray), batch 2, one thread each. Blocks of
-   steps alternate between the overlapped `GradientSync` and, as the baseline, the previous
-   approach written out here (`FlatAllReduce`): after backward, cat all gradients, one
-   all-reduce, copy back. Per step: the time `finish()` waited for communication
-   (`GradientSync.wait_seconds`, both optimizers; for the baseline the whole flat all-reduce),
-   the whole of `finish()` (waiting plus copying the averages back), and the step time (from
-   fetching the batch to the end of `train_step`), mean of the two ranks.
+   processes joined by gloo (`tests/ranks.py`, no Ray), batch 2, one thread each. After warm-up,
+   blocks of steps alternate between the overlapped `GradientSync` and, as the baseline, the
+   previous approach written out here (`FlatAllReduce`): after backward, cat all gradients, one
+   all-reduce, copy back. Per step and rank: the time `finish()` waited for communication
+   (`GradientSync.wait_seconds`, both optimizers; for the baseline the whole flat all-reduce), the
+   whole of `finish()`, and the step time (fetching the batch and `train_step`). The wait is given
+   as the mean of the two ranks, and as the min: a rank that reaches the all-reduce first also
+   waits for the other's backward (skew); the one that arrives last waits for communication alone.
 4. Throughput against Coqui's own `Trainer`, like for like. `run_training` with one Ray worker
-   for N steps, and Coqui's `Trainer.fit()` in this process fed the same batches in the same
-   order: the first N batches of our reader's plan for epoch 0 (world 1), as
+   for N steps, and Coqui's `Trainer.fit()` in this process (before and after ours) fed the same
+   batches in the same order: the first N batches of our reader's plan for epoch 0 (world 1), as
    `VitsBatch.to_coqui("cpu")` dicts, through a `Vits` subclass whose `get_data_loader` returns
    them (`coqui_baseline.run_coqui_on_batches`). Both log every 10 steps. Steady state is steps
    3..N-1, wall clock from one step to the next: ours from the `time` of consecutive metrics.jsonl
-   step records (written at the end of each step), Coqui's from its `on_train_step_start`
-   callback. Audio seconds per second of that wall, ours / Coqui's. Ours reads shards
-   (its loader wait is in its figure); Coqui's batches are already in memory.
+   step records (stamped at the end of each step), Coqui's from its `on_train_step_start`
+   callback. Audio seconds per second of that wall, ours / the mean of Coqui's two runs. Ours
+   reads shards (its loader wait is in its figure); Coqui's batches are already in memory.
 5. Fixed cost of a run outside its steps, from the same runs: `ensure_ray` (timed around the
-   call), then `run_training` cut at timestamps available from outside: the mtime of
-   config.toml (rank 0 writes it once the model and optimizers are built), the first step's
-   start (its record's `time` minus `step_time`), the last step's end, the newest file in the
-   checkpoint folder, in export/ and metrics.jsonl (rewritten by `close()`), and the return of
-   `run_training`. Cold imports (a fresh interpreter) and the model build are timed apart to
-   split the first phase. Coqui: model and Trainer construction, and `fit()` outside its steps;
-   one `save_checkpoint()` after fit is timed for comparison (Coqui's run here saves nothing).
+   call), then `run_training` cut at timestamps available from outside: the start of the Ray
+   Train worker process (from Ray's session logs), the mtime of config.toml (rank 0 writes it
+   once the model and optimizers are built), the first step's start (its record's `time` minus
+   `step_time`), the last step's end, the newest file in the checkpoint folder, in export/ and
+   metrics.jsonl (rewritten by `close()`), and the return of `run_training`. A fresh
+   interpreter's imports and first model build, and a warm build, are timed apart for
+   comparison. Coqui: model and Trainer construction, and `fit()` outside its steps; one
+   `save_checkpoint()` after fit is timed for comparison (Coqui's run here saves nothing).
 
 It prints figures and asserts nothing about time: on a shared machine they are noisy, so compare
 ratios taken in the same run rather than absolute times across runs.
@@ -76,12 +78,11 @@ import torch.distributed as dist  # noqa: E402
 
 from vits_ray.config import Config, load_config  # noqa: E402
 
-CORPUS_OVERRIDES = ["data.rows_per_shard=8"]
-# Validation and periodic checkpoints off, the stability guard's save cadence too: a run is steps,
-# a sync every 10 steps, one final checkpoint and the export.
-RUN_OVERRIDES = CORPUS_OVERRIDES + ["train.batch_size=4", "train.log_step=10", "train.save_step=1000000",
-                                    "train.val_step=1000000", "stability.unstable_save_step=1000000"]
 LOG_STEP = 10
+# Validation and periodic checkpoints off, the stability guard's save cadence too: a run is steps,
+# a sync every LOG_STEP steps, one final checkpoint and the export.
+RUN_OVERRIDES = ["data.rows_per_shard=8", "train.batch_size=4", f"train.log_step={LOG_STEP}",
+                 "train.save_step=1000000", "train.val_step=1000000", "stability.unstable_save_step=1000000"]
 WARMUP_STEPS = 2  # steps left out of steady-state figures (first shard reads, allocator warm-up)
 
 
@@ -152,14 +153,13 @@ def bare_step(model, criteria, optimizers, batch, clip: tuple[float, float] | No
 
 
 def model_build(data_uri: str) -> dict:
-    """Build the tiny model and its optimizers once: the time it takes, the pad id, the sizes."""
+    """Build the tiny model and its optimizers: the time a second build takes, the pad id, the sizes."""
     from vits_ray.model import build_model, build_optimizers
     from vits_ray.text import Vocabulary
 
-    from TTS.tts.models.vits import Vits  # noqa: F401  (imported before the clock starts)
-
     cfg = load()
     vocab = Vocabulary.from_dict(open_data(data_uri)[1]["vocab"])
+    build_optimizers(build_model(cfg, vocab), cfg)  # the first build imports librosa, scipy, torch._dynamo
     started = time.perf_counter()
     model = build_model(cfg, vocab)
     build_optimizers(model, cfg)
@@ -169,6 +169,7 @@ def model_build(data_uri: str) -> dict:
 
 
 def loop_overhead(data_uri: str, built: dict, warmup: int, reps: int) -> dict:
+    """Figure 1: step times of the bare loops and `gan_step` on one batch, interleaved."""
     from vits_ray.model import build_model, build_optimizers
     from vits_ray.step import Precision, gan_step
 
@@ -286,6 +287,7 @@ def caller_group(module: str) -> str:
 
 
 def host_syncs(data_uri: str, root: Path, steps: int) -> dict:
+    """Figure 2: `Trainer.run()` for `steps` steps with the tensor-to-host methods counted."""
     from ranks import DirectorySession
 
     from vits_ray.train import TrainJob
@@ -321,11 +323,10 @@ def host_syncs(data_uri: str, root: Path, steps: int) -> dict:
 
 def print_host_syncs(r: dict) -> None:
     calls, kinds = r["calls"], r["kinds"]
-    groups = GROUPS
     print(f"\n2. Host syncs per step: the real Trainer.run(), one rank in this process, {r['steps']} steps, "
           f"log_step {LOG_STEP}, fp32 CPU (no GradScaler)")
     print(f"   calls per step of {', '.join(SYNC_METHODS)}, by calling module (mean, max in brackets)")
-    print(f"   {'steps':<34} {'n':>3} " + " ".join(f"{g:>14}" for g in groups))
+    print(f"   {'steps':<34} {'n':>3} " + " ".join(f"{g:>14}" for g in GROUPS))
     labels = {"plain": "plain (not a sync point)", "sync": "sync points (log step, epoch end)",
               "save": "final step (sync + checkpoint)"}
     for kind, label in labels.items():
@@ -333,7 +334,7 @@ def print_host_syncs(r: dict) -> None:
         if not steps:
             continue
         per_step = {g: [sum(n for (s, m, _), n in calls.items() if s == step and caller_group(m) == g)
-                        for step in steps] for g in groups}
+                        for step in steps] for g in GROUPS}
         cells = " ".join(f"{statistics.mean(v):7.1f} ({max(v):>4})" for v in per_step.values())
         print(f"   {labels[kind]:<34} {len(steps):>3} {cells}")
     print("   which calls (per step, mean over the steps of that kind):")
@@ -433,6 +434,7 @@ def two_worker_rank(rank: int, world: int, data_uri: str, root: str, schedule: s
 
 
 def two_workers(data_uri: str, root: Path, warmup: int, blocks: int, block: int) -> dict:
+    """Figure 3: two ranks, `warmup` steps of each sync, then `blocks` x (`block` overlapped, `block` flat)."""
     from ranks import run_ranks
 
     schedule = "O" * warmup + "F" * warmup + ("O" * block + "F" * block) * blocks
@@ -476,16 +478,27 @@ def print_two_workers(r: dict) -> None:
 
 # --- 4. and 5. our run_training against Coqui's Trainer on the same batches ----------------
 
-def cold_imports() -> dict[str, float]:
-    """Seconds to import what a fresh process needs, cumulative, in a new interpreter."""
-    code = """
-import json, time
-t = time.perf_counter(); out = {}
+def cold_imports(data_uri: str) -> dict[str, float]:
+    """Seconds a fresh interpreter spends importing and building the model, cumulative.
+
+    The first model build imports librosa and scipy.signal (Coqui's mel filters) and the first
+    optimizer torch._dynamo: one-off import costs that every new process pays, ours and Coqui's.
+    """
+    code = f"""
+import json, sys, time
+t = time.perf_counter(); out = {{}}
 import torch; out["torch"] = time.perf_counter() - t
 import TTS.tts.models.vits; out["+ TTS Vits"] = time.perf_counter() - t
 import trainer; out["+ Coqui trainer"] = time.perf_counter() - t
 import ray.train.torch; out["+ ray.train.torch"] = time.perf_counter() - t
 import vits_ray.train, vits_ray.trainer, vits_ray.data.reader; out["+ vits_ray"] = time.perf_counter() - t
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from bench_train import load, open_data
+from vits_ray.model import build_model, build_optimizers
+from vits_ray.text import Vocabulary
+model = build_model(load(), Vocabulary.from_dict(open_data({data_uri!r})[1]["vocab"]))
+out["+ first model build"] = time.perf_counter() - t
+build_optimizers(model, load()); out["+ first optimizers"] = time.perf_counter() - t
 print(json.dumps(out))
 """
     started = time.perf_counter()
@@ -538,6 +551,8 @@ def ours(data_uri: str, storage: Path, steps: int) -> dict:
     cfg = load()
     job = TrainJob(config=cfg.to_dict(), data_uri=data_uri, storage_uri=str(storage), name="ours", workers=1,
                    max_steps=steps, cpus_per_worker=1)
+    # As `make bench` and the tests run it: Ray's metrics thread has crashed a TrainController here.
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
     with output_to(storage / "console.txt"):
         started = time.perf_counter()
         ensure_ray()
@@ -628,9 +643,9 @@ def fixed_cost(run: dict, theirs: dict, imports: dict, build_seconds: float) -> 
                m["worker"] - m["begin"]),
               ("  of which preflight (timed apart)", run["preflight"]),
               ("worker start until config.toml: imports, process group, model build", m["built"] - m["worker"]),
-              ("  for comparison: cold imports in a fresh interpreter (torch, TTS, ray.train, vits_ray)",
-               imports["+ vits_ray"]),
-              ("  for comparison: model + optimizers build in this process", build_seconds),
+              ("  for comparison: a fresh interpreter's imports, first model + optimizers build",
+               imports["+ first optimizers"]),
+              ("  for comparison: model + optimizers build, warm (second build in this process)", build_seconds),
               ("rest of Trainer set-up (readers, capture of the start state) until step 1", m["first step"] - m["built"]),
               ("steps (first start to last end)", m["last step"] - m["first step"]),
               ("final sync + checkpoint (checksums, capture, write, Ray persists it)", m["checkpoint"] - m["last step"]),
@@ -658,7 +673,8 @@ def fixed_cost(run: dict, theirs: dict, imports: dict, build_seconds: float) -> 
         print(f"     {label:<88} {seconds:6.2f} s")
     print(f"   cold imports in a fresh interpreter (cumulative): "
           + ", ".join(f"{k} {v:.1f} s" for k, v in imports.items())
-          + "; Coqui's run pays torch + TTS + trainer, ours the lot in the worker (the driver imports ray too)")
+          + ". Both loops' processes pay the first build's lazy imports; Coqui's Trainer ran in this "
+          "process, where they were done already")
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -704,7 +720,7 @@ def main() -> None:
             if len(batches) < run_steps:
                 raise SystemExit(f"epoch 0 has {len(batches)} batches, fewer than {run_steps} steps: raise --n")
             batches = batches[:run_steps]
-            imports = cold_imports()
+            imports = cold_imports(data_uri)
             import ray
 
             theirs = coqui_run(batches, built["vocab"], tmp / "coqui-before")

@@ -127,10 +127,12 @@ def train_worker(job_dict: dict[str, Any]) -> None:
     if not job.use_gpu:
         torch.set_num_threads(max(1, job.cpus_per_worker))
     trainer = Trainer(job, context.get_world_rank(), context.get_world_size(), device, RaySession())
-    trainer.run()
-    if trainer.rank == 0:
-        _export_final(trainer)
-    trainer.close()
+    try:
+        trainer.run()
+        if trainer.rank == 0:
+            _export_final(trainer)
+    finally:
+        trainer.close()  # a failed run still leaves its records (what led up to the failure)
 
 
 def _export_final(trainer) -> None:
