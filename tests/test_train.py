@@ -281,3 +281,23 @@ def test_too_many_rollbacks_stop_the_run(prepared_demo, ray_local, tmp_path):
         run_training(job(prepared_demo, tmp_path, "loop", max_steps=30,
                          drills=(Drill("spike", 11), Drill("spike", 15)),
                          overrides=["train.save_step=10", "train.val_step=1000", "stability.max_rollbacks=1"]))
+
+
+def test_local_mode_trains_the_same_weights_as_ray_and_resumes(prepared_demo, ray_local, tmp_path):
+    overrides = ["train.save_step=2", "train.keep_last=1"]
+    run_training(job(prepared_demo, tmp_path, "on-ray", max_steps=4, overrides=overrides))
+    run_training(job(prepared_demo, tmp_path, "local", max_steps=2, overrides=overrides), local=True)
+    # an interrupted checkpoint upload (no state.pt yet) is not taken for a checkpoint
+    (tmp_path / "local" / "checkpoint_00000003").mkdir()
+    (tmp_path / "local" / "checkpoint_00000003" / "config.toml").write_text("torn")
+    outcome = run_training(job(prepared_demo, tmp_path, "local", max_steps=4, overrides=overrides), local=True)
+    assert outcome.step == 4
+    on_ray, local = final_state(tmp_path / "on-ray"), final_state(tmp_path / "local")
+    for name, tensor in on_ray["model"].items():
+        assert torch.equal(tensor, local["model"][name]), name
+    assert [r["step"] for r in records(tmp_path / "local", "step")] == [1, 2, 3, 4]
+    kept = sorted(p.name for p in (tmp_path / "local").glob("checkpoint_*") if (p / "state.pt").exists())
+    assert kept == ["checkpoint_00000004"]  # keep_last=1
+    assert (tmp_path / "local" / "export" / "model.pth").exists()
+    with pytest.raises(TrainSetupError, match="--local runs one worker"):
+        run_training(job(prepared_demo, tmp_path, "local2", workers=2), local=True)

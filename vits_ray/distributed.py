@@ -172,10 +172,13 @@ class GradientSync:
         self._work = []
 
 
-def parameter_checksum(model: torch.nn.Module) -> str:
-    """A digest of every parameter's bytes: equal on two ranks only if the weights are identical."""
+def state_checksum(model_state: dict[str, torch.Tensor]) -> str:
+    """A digest of every tensor's bytes: equal on two ranks only if the weights are identical.
+
+    Takes the CPU copy a checkpoint captures anyway, so hashing costs no extra device transfers.
+    """
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(model_state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

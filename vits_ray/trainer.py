@@ -28,7 +28,7 @@ import torch
 
 from vits_ray import checkpoint as ckpt_io
 from vits_ray.config import Config, config_from_dict, resume_conflicts
-from vits_ray.distributed import Collectives, GradientSync, check_checksums, parameter_checksum
+from vits_ray.distributed import Collectives, GradientSync, check_checksums, state_checksum
 from vits_ray.step import VAL_KEYS, Precision, eval_step, gan_step
 from vits_ray.step_log import PendingSteps
 
@@ -210,8 +210,9 @@ class Trainer:
 
     def save(self, metrics: dict[str, Any]) -> None:
         """Check that all ranks agree, then persist the state through the session (rank 0 writes)."""
+        state = self.capture()
         guard_digest = hashlib.sha256(json.dumps(self.guard.state_dict(), sort_keys=True).encode()).hexdigest()[:16]
-        agreed = self.comm.all_gather_objects((parameter_checksum(self.model), guard_digest))
+        agreed = self.comm.all_gather_objects((state_checksum(state["model"]), guard_digest))
         checksums = [c for c, _ in agreed]
         record = {"kind": "checkpoint", "step": self.progress.step, "epoch": self.progress.epoch,
                   "path": f"checkpoint_{self.progress.step:08d}", "param_checksums": checksums,
@@ -225,7 +226,6 @@ class Trainer:
         if len({g for _, g in agreed}) > 1:
             raise RuntimeError(f"step {self.progress.step}: the stability guard's state differs across ranks "
                                f"({[g for _, g in agreed]}); their decisions can no longer be trusted to agree")
-        state = self.capture()
         with tempfile.TemporaryDirectory(prefix="vits-ray-ckpt-") as tmp:
             directory = None
             if self.rank == 0:
