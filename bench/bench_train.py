@@ -576,6 +576,48 @@ def ours(data_uri: str, storage: Path, steps: int) -> dict:
             "actors": actors}
 
 
+def ours_local(data_uri: str, storage: Path, steps: int) -> dict:
+    """`run_training(local=True)`: the same Trainer in this process, without Ray (figures 4 and 5)."""
+    from vits_ray.train import TrainJob, run_training
+
+    job = TrainJob(config=load().to_dict(), data_uri=data_uri, storage_uri=str(storage), name="local", workers=1,
+                   max_steps=steps, cpus_per_worker=1)
+    with output_to(storage / "console-local.txt"):
+        begin = time.time()
+        run_training(job, local=True)
+        end = time.time()
+    torch.set_num_threads(1)
+    run = storage / "local"
+    records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    marks = {"begin": begin, "built": (run / "config.toml").stat().st_mtime,
+             "first step": records[0]["time"] - records[0]["step_time"], "last step": records[-1]["time"],
+             "checkpoint": newest_mtime(checkpoints[-1]), "export": newest_mtime(run / "export"),
+             "closed": (run / "metrics.jsonl").stat().st_mtime, "end": end}
+    return {"records": records, "marks": marks}
+
+
+def print_local(local: dict, t: dict, batches: list, sample_rate: int) -> None:
+    """Figures 4 and 5 for the local mode, against the same Coqui runs."""
+    records, (first, last) = local["records"], t["window"]
+    ends = [r["time"] for r in records]
+    steps = [b - a for a, b in zip(ends[first - 2: last - 1], ends[first - 1: last])]
+    rate = t["audio"] / sum(steps)
+    m = local["marks"]
+    outside = (m["end"] - m["begin"]) - (m["last step"] - m["first step"])
+    print(f"
+4b/5b. Local mode (run_training(local=True): the Trainer in this process, no Ray)")
+    print(f"   audio s/s {rate:.2f}, ours-local / Coqui's {rate / t['coqui_rate']:.2f}x; median step "
+          f"{median(steps):.3f} s")
+    print(f"   outside the steps: {outside:.1f} s (Coqui in this process: see 5)")
+    for label, a, b in (("set-up until config.toml (manifest, model, optimizers)", "begin", "built"),
+                        ("rest of set-up until step 1", "built", "first step"),
+                        ("final sync + checkpoint", "last step", "checkpoint"),
+                        ("export", "checkpoint", "export"), ("close", "export", "closed"),
+                        ("return", "closed", "end")):
+        print(f"     {label:<88} {m[b] - m[a]:6.2f} s")
+
+
 def coqui_run(batches: list, vocab, out: Path) -> dict:
     """Coqui's Trainer on `batches` (our VitsBatches, in order), in this process."""
     from coqui_baseline import run_coqui_on_batches
@@ -728,9 +770,12 @@ def main() -> None:
                 run = ours(data_uri, tmp / "runs", run_steps)
             finally:
                 ray.shutdown()
+            local = ours_local(data_uri, tmp / "runs", run_steps)
             theirs_after = coqui_run(batches, built["vocab"], tmp / "coqui-after")
-            print_throughput(throughput(run, [theirs, theirs_after], batches, cfg.audio.sample_rate))
+            t = throughput(run, [theirs, theirs_after], batches, cfg.audio.sample_rate)
+            print_throughput(t)
             fixed_cost(run, theirs, imports, built["seconds"])
+            print_local(local, t, batches, cfg.audio.sample_rate)
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
