@@ -605,8 +605,7 @@ def print_local(local: dict, t: dict, batches: list, sample_rate: int) -> None:
     rate = t["audio"] / sum(steps)
     m = local["marks"]
     outside = (m["end"] - m["begin"]) - (m["last step"] - m["first step"])
-    print(f"
-4b/5b. Local mode (run_training(local=True): the Trainer in this process, no Ray)")
+    print("\n4b/5b. Local mode (run_training(local=True): the Trainer in this process, no Ray)")
     print(f"   audio s/s {rate:.2f}, ours-local / Coqui's {rate / t['coqui_rate']:.2f}x; median step "
           f"{median(steps):.3f} s")
     print(f"   outside the steps: {outside:.1f} s (Coqui in this process: see 5)")
