@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from vits_ray.checkpoint import STATE_FILE
 from vits_ray.config import Config, config_from_dict
+from vits_ray.init_checkpoint import init_checkpoint_location
 from vits_ray.trainer import say
 
 
@@ -69,29 +70,6 @@ class TrainJob:
 
 
 # --- the worker ---------------------------------------------------------------------------
-
-def _init_checkpoint_location(uri: str, storage_cfg):
-    """(store of the folder, checkpoint file name) for a Coqui checkpoint folder or .pth file."""
-    from vits_ray.storage import open_store
-
-    if uri.endswith(".pth"):
-        folder, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
-    else:
-        folder, name = uri, "model.pth"
-    return open_store(folder, storage_cfg), name
-
-
-def fetch_init_checkpoint(uri: str, storage_cfg) -> tuple[Path, Path | None]:
-    """A local copy of a Coqui checkpoint (model.pth, or the named .pth) and its config.json."""
-    store, name = _init_checkpoint_location(uri, storage_cfg)
-    local = Path(tempfile.mkdtemp(prefix="vits-ray-init-"))
-    store.download_file(name, local / "model.pth")
-    config_path = None
-    if store.exists("config.json"):
-        store.download_file("config.json", local / "config.json")
-        config_path = local / "config.json"
-    return local / "model.pth", config_path
-
 
 class RaySession:
     """Ray Train persists checkpoints under STORAGE/NAME and hands the latest back on relaunch."""
@@ -240,7 +218,7 @@ def preflight(job: TrainJob) -> dict[str, Any]:
         raise TrainSetupError(f"storage {job.storage_uri} is not usable: {err}") from err
     if job.init_from:
         try:  # existence only: the driver need not download a large checkpoint
-            store, name = _init_checkpoint_location(job.init_from, cfg.storage)
+            store, name = init_checkpoint_location(job.init_from, cfg.storage)
             found = store.exists(name)
         except (StorageError, OSError, ValueError) as err:
             raise TrainSetupError(f"--init-from {job.init_from}: {err}") from err

@@ -98,7 +98,6 @@ class Trainer:
     """One rank's training state and loop. Build it, `run()` it, `close()` it."""
 
     def __init__(self, job, rank: int, world_size: int, device: torch.device, session: Session):
-        from vits_ray.data.reader import ShardReader
         from vits_ray.data.shards import read_manifest
         from vits_ray.model import build_model, build_optimizers
         from vits_ray.runlog import NullLogger, RunLogger
@@ -133,29 +132,9 @@ class Trainer:
         if not resumed:
             self._start_fresh()
         self.logger = RunLogger(self.run_store, self.progress.step if resumed else None) if rank == 0 else NullLogger()
-        if rank == 0 and not resumed:
-            self.run_store.write_bytes("config.toml", cfg.to_toml().encode("utf-8"))
-            self.run_store.write_bytes("vocab.json", json.dumps(self.manifest["vocab"], ensure_ascii=False,
-                                                                sort_keys=True).encode())
-        if rank == 0 and self.warm_report is not None:
-            say(self.warm_report.format_text())
-            self.logger.event({"step": self.progress.step, "kind": "warm_start", "detail": {
-                "loaded": len(self.warm_report.loaded), "partially_loaded": self.warm_report.partially_loaded,
-                "skipped": [f"{n}: {why}" for n, why in self.warm_report.skipped]}})
         if rank == 0:
-            say(f"[vits-ray] {job.name}: {'resuming at step ' + str(self.progress.step) if resumed else 'starting'}"
-                f" on {world_size} worker(s), {device.type}, precision {self.precision.dtype or 'fp32'}")
-
-        pad_id = int(self.model.tokenizer.characters.pad_id)
-        reader_args = dict(seed=cfg.train.seed, batch_size=cfg.train.batch_size,
-                           max_batch_seconds=cfg.train.max_batch_seconds, pad_id=pad_id,
-                           cache_dir=cfg.data.cache_dir, pin_memory=device.type == "cuda")
-        self.reader = ShardReader(self.data_store, self.manifest, "train", rank, world_size,
-                                  prefetch=cfg.data.prefetch_shards, **reader_args)
-        self.val_reader = None
-        if any(s["split"] == "val" for s in self.manifest["shards"]):
-            self.val_reader = ShardReader(self.data_store, self.manifest, "val", rank, world_size, prefetch=0,
-                                          allow_fewer_batches_than_ranks=True, **reader_args)
+            self._announce(resumed)
+        self.reader, self.val_reader = self._build_readers()
         self.max_steps = job.max_steps or cfg.train.max_steps
         self.drills = {d.step: d.kind for d in job.drills}
         self.spike_drill_until = -1
@@ -165,6 +144,38 @@ class Trainer:
         self.last_saved_step = self.progress.step if resumed else -1
 
     # --- set-up -------------------------------------------------------------------------------
+
+    def _announce(self, resumed: bool) -> None:
+        """Rank 0: the run's own config and vocabulary (a fresh run only), warm start, a first line."""
+        if not resumed:
+            self.run_store.write_bytes("config.toml", self.cfg.to_toml().encode("utf-8"))
+            self.run_store.write_bytes("vocab.json", json.dumps(self.manifest["vocab"], ensure_ascii=False,
+                                                                sort_keys=True).encode())
+        if self.warm_report is not None:
+            say(self.warm_report.format_text())
+            self.logger.event({"step": self.progress.step, "kind": "warm_start", "detail": {
+                "loaded": len(self.warm_report.loaded), "partially_loaded": self.warm_report.partially_loaded,
+                "skipped": [f"{n}: {why}" for n, why in self.warm_report.skipped]}})
+        say(f"[vits-ray] {self.job.name}: {'resuming at step ' + str(self.progress.step) if resumed else 'starting'}"
+            f" on {self.world_size} worker(s), {self.device.type}, precision {self.precision.dtype or 'fp32'}")
+
+    def _build_readers(self):
+        """This rank's train reader, and its share of the val split (None without one)."""
+        from vits_ray.data.reader import ShardReader
+
+        cfg = self.cfg
+        common = dict(seed=cfg.train.seed, batch_size=cfg.train.batch_size,
+                      max_batch_seconds=cfg.train.max_batch_seconds,
+                      pad_id=int(self.model.tokenizer.characters.pad_id), cache_dir=cfg.data.cache_dir,
+                      pin_memory=self.device.type == "cuda")
+        train = ShardReader(self.data_store, self.manifest, "train", self.rank, self.world_size,
+                            prefetch=cfg.data.prefetch_shards, **common)
+        val = None
+        if any(s["split"] == "val" for s in self.manifest["shards"]):
+            # Validation has no per-batch collective, so a rank may have fewer (or no) val batches.
+            val = ShardReader(self.data_store, self.manifest, "val", self.rank, self.world_size, prefetch=0,
+                              allow_fewer_batches_than_ranks=True, **common)
+        return train, val
 
     def _restore_latest(self) -> bool:
         with self.session.latest_checkpoint() as directory:
@@ -184,7 +195,7 @@ class Trainer:
         from vits_ray.model import warm_start
 
         if self.job.init_from:
-            from vits_ray.train import fetch_init_checkpoint
+            from vits_ray.init_checkpoint import fetch_init_checkpoint
 
             model_path, config_path = fetch_init_checkpoint(self.job.init_from, self.cfg.storage)
             self.warm_report = warm_start(self.model, model_path, config_path)
