@@ -36,7 +36,8 @@ class Collectives:
 
     def _check_device(self, tensor: torch.Tensor) -> None:
         # The bug this catches: a tensor built without `device=` is on the CPU, which NCCL rejects.
-        assert tensor.device.type == self.device.type, (
+        assert tensor.device.type == self.device.type and (
+            self.device.index is None or tensor.device.index == self.device.index), (
             f"collective on a {tensor.device} tensor; the training device is {self.device}")
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
