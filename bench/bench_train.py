@@ -403,7 +403,7 @@ def timed_finish(sync) -> list[float]:
     return times
 
 
-def two_worker_rank(rank: int, world: int, data_uri: str, root: str, schedule: str) -> None:
+def two_worker_rank(rank: int, world: int, data_uri: str, root: str, schedule: str, bucket_mb: float) -> None:
     """One rank of figure 3 (run by `tests/ranks.run_ranks` in its own process): `schedule` is a
     string of 'O' (overlapped GradientSync) and 'F' (FlatAllReduce), one letter per step."""
     from ranks import DirectorySession
@@ -411,7 +411,7 @@ def two_worker_rank(rank: int, world: int, data_uri: str, root: str, schedule: s
     from vits_ray.train import TrainJob
     from vits_ray.trainer import Trainer
 
-    cfg = load("train.batch_size=2")
+    cfg = load("train.batch_size=2", f"train.grad_bucket_mb={bucket_mb}")
     job = TrainJob(config=cfg.to_dict(), data_uri=data_uri, storage_uri=root, name="two", workers=world)
     trainer = Trainer(job, rank, world, torch.device("cpu"), DirectorySession(Path(root) / "checkpoints", rank))
     modes = {"O": trainer.grad_syncs, "F": tuple(FlatAllReduce(p for g in o.param_groups for p in g["params"])
@@ -433,7 +433,7 @@ def two_worker_rank(rank: int, world: int, data_uri: str, root: str, schedule: s
     Path(root, f"rank{rank}.json").write_text(json.dumps(records))
 
 
-def two_workers(data_uri: str, root: Path, warmup: int, blocks: int, block: int) -> dict:
+def two_workers(data_uri: str, root: Path, warmup: int, blocks: int, block: int, bucket_mb: float) -> dict:
     """Figure 3: two ranks, `warmup` steps of each sync, then `blocks` x (`block` overlapped, `block` flat)."""
     from ranks import run_ranks
 
@@ -441,7 +441,7 @@ def two_workers(data_uri: str, root: Path, warmup: int, blocks: int, block: int)
     (root / "checkpoints").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with output_to(root / "console.txt"):
-        failures = run_ranks(2, two_worker_rank, data_uri, str(root), schedule)
+        failures = run_ranks(2, two_worker_rank, data_uri, str(root), schedule, bucket_mb)
     if failures:
         raise RuntimeError(f"two-worker run failed: {failures}")
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
@@ -449,12 +449,14 @@ def two_workers(data_uri: str, root: Path, warmup: int, blocks: int, block: int)
     # rank that arrives last waits for the communication alone: the min over ranks.
     steps = [{"mode": a["mode"], **{k: (a[k] + b[k]) / 2 for k in ("step_time", "wait", "finish")},
               "wait_min": min(a["wait"], b["wait"])} for a, b in zip(*ranks)][2 * warmup:]
-    return {"steps": steps, "ranks": ranks, "wall": time.perf_counter() - started, "warmup": warmup}
+    return {"steps": steps, "ranks": ranks, "wall": time.perf_counter() - started, "warmup": warmup,
+            "bucket_mb": bucket_mb}
 
 
 def print_two_workers(r: dict) -> None:
     print(f"\n3. Two CPU workers (Trainer in 2 processes, gloo, 1 torch thread each, batch 2 per rank; "
-          f"{r['warmup']} warm-up steps per variant, then blocks of each in turn; {r['wall']:.0f} s in all)")
+          f"{r['warmup']} warm-up steps per variant, then blocks of each in turn; buckets of {r['bucket_mb']:g} MB; "
+          f"{r['wall']:.0f} s in all)")
     print("   wait: time finish() waited for the all-reduce (and copied the averages back), per step, D + G;")
     print("   mean of the ranks, and min of the ranks (the rank that reached the all-reduce last: communication "
           "without skew)")
@@ -725,6 +727,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and steps")
     parser.add_argument("--n", type=int, default=60, help="demo corpus size (utterances)")
     parser.add_argument("--only", default="1,2,3,4", help="figures to run: 1, 2, 3, 4 (4 gives 5 too)")
+    parser.add_argument("--bucket-mb", type=float, default=load().train.grad_bucket_mb,
+                        help="gradient bucket size for figure 3 (train.grad_bucket_mb)")
     args = parser.parse_args()
     figures = {int(f) for f in args.only.split(",")}
     warmup, reps = (1, 4) if args.quick else (2, 8)
@@ -755,7 +759,7 @@ def main() -> None:
         if 2 in figures:
             print_host_syncs(host_syncs(data_uri, tmp / "syncs", sync_steps))
         if 3 in figures:
-            print_two_workers(two_workers(data_uri, tmp / "two", warmup, blocks, block))
+            print_two_workers(two_workers(data_uri, tmp / "two", warmup, blocks, block, args.bucket_mb))
         if 4 in figures:
             batches = epoch_batches(cfg, data_uri, built["pad_id"])
             if len(batches) < run_steps:

@@ -64,6 +64,7 @@ class GradientSync:
     collectives in the same order even when hooks fire in different orders. A parameter that got
     no gradient on a rank contributes zeros; after `finish()` every parameter has a gradient, the
     average over ranks (on one worker: its own, or zeros), so all ranks step the same parameters.
+    Gradients live in the bucket buffers (views), so the averages need no copy back.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], collectives: Collectives, *,
@@ -124,7 +125,11 @@ class GradientSync:
         if not self._armed:  # e.g. the generator's backward also reaches the discriminator
             return
         b, i, offset = self._where[id(param)]
-        self.buckets[b]["buffer"][offset: offset + param.numel()].copy_(param.grad.reshape(-1))
+        view = self.buckets[b]["buffer"][offset: offset + param.numel()].view_as(param)
+        # Divide on the way in (the all-reduce then sums averages) and let the gradient live in the
+        # bucket from now on, as DDP's gradient_as_bucket_view does: no copy back after the wait.
+        torch.div(param.grad, self.comm.world_size, out=view)
+        param.grad = view
         self._filled[b].add(i)
         self._ready[b] += 1
         self._launch_ready()
@@ -142,7 +147,8 @@ class GradientSync:
         self._next_launch += 1
 
     def finish(self) -> None:
-        """After backward: launch what is left (missing gradients as zeros), wait, write back."""
+        """After backward: launch what is left (missing gradients as zeros) and wait. Every
+        parameter's gradient is then the average over ranks, held in its bucket."""
         if self.comm.world_size == 1:
             for p in self.params:
                 if p.grad is None:
@@ -153,22 +159,15 @@ class GradientSync:
             for i, p in enumerate(bucket["params"]):
                 if i not in self._filled[b]:  # no gradient on this rank: contribute zeros
                     _, _, offset = self._where[id(p)]
-                    bucket["buffer"][offset: offset + p.numel()].zero_()
+                    view = bucket["buffer"][offset: offset + p.numel()].view_as(p)
+                    view.zero_()
+                    p.grad = view
             self._launch(b)
         started = time.perf_counter()
         for b, work, wire in self._work:
             work.wait()
-            bucket = self.buckets[b]
-            if wire is not bucket["buffer"]:
-                bucket["buffer"].copy_(wire)
-            bucket["buffer"].div_(self.comm.world_size)
-            for p in bucket["params"]:
-                _, _, offset = self._where[id(p)]
-                averaged = bucket["buffer"][offset: offset + p.numel()].view_as(p)
-                if p.grad is None:
-                    p.grad = averaged.clone()
-                else:
-                    p.grad.copy_(averaged)
+            if wire is not self.buckets[b]["buffer"]:  # compressed on the wire
+                self.buckets[b]["buffer"].copy_(wire)
         self.wait_seconds = time.perf_counter() - started
         self._work = []
 
