@@ -180,7 +180,7 @@ def state_checksum(model_state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model_state.items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())  # already on the CPU
     return digest.hexdigest()[:16]
 
 
