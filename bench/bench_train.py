@@ -478,6 +478,66 @@ def print_two_workers(r: dict) -> None:
           f"target: wait under 5% of the step")
 
 
+# --- 6. what length bucketing is worth on its own ---------------------------------------------
+
+def random_regroup(batches: list, pad_id: int, seed: int = 0) -> list:
+    """The same utterances in batches of the same sizes, drawn at random (no length bucketing)."""
+    import numpy as np
+
+    from vits_ray.data.batch import collate
+
+    rows = [(b.ids[i], b.speakers[i], b.texts[i], b.tokens[i, : int(b.token_lens[i])].numpy(),
+             (b.waveform[i, 0, : int(b.waveform_lens[i])].numpy() * 32768.0).round().astype(np.int16))
+            for b in batches for i in range(len(b))]
+    order = np.random.default_rng(seed).permutation(len(rows))
+    out, start = [], 0
+    for b in batches:
+        group = [rows[j] for j in order[start: start + len(b)]]
+        start += len(b)
+        out.append(collate(*map(list, zip(*group)), pad_id))
+    return out
+
+
+def bucketing_gain(data_uri: str, built: dict, n_batches: int, reps: int, recipe: str = "tiny") -> dict:
+    """Figure 6: our step on the reader's length-bucketed batches against random batches of the
+    same utterances and sizes: audio seconds per second, and the padded share of each."""
+    from vits_ray.model import build_model, build_optimizers
+    from vits_ray.step import Precision, gan_step
+
+    cfg = load_config(recipe, RUN_OVERRIDES + ["train.max_batch_seconds=30"])
+    bucketed = epoch_batches(cfg, data_uri, built["pad_id"])[:n_batches]
+    variants = {"bucketed (our reader)": bucketed, "random, same utterances": random_regroup(bucketed, built["pad_id"])}
+    precision = Precision.resolve("no", "cpu")
+    clip = (cfg.optim.grad_clip_disc, cfg.optim.grad_clip_gen)
+    seconds = {name: 0.0 for name in variants}
+    for rep in range(reps):
+        for name in (list(variants) if rep % 2 == 0 else list(variants)[::-1]):
+            model = build_model(cfg, built["vocab"])
+            optimizers, criteria = build_optimizers(model, cfg), model.get_criterion()
+            formatted = [model.format_batch_on_device(model.format_batch(b.to_coqui("cpu"))) for b in variants[name]]
+            gan_step(model, criteria, optimizers, None, formatted[0], precision, clip)  # warm-up
+            started = time.perf_counter()
+            for batch in formatted:
+                gan_step(model, criteria, optimizers, None, batch, precision, clip)
+            seconds[name] += time.perf_counter() - started
+    audio = sum(b.num_samples for b in bucketed) / cfg.audio.sample_rate * reps
+    return {"n": n_batches, "reps": reps, "audio": audio / reps, "recipe": recipe,
+            "rows": {name: {"rate": audio / seconds[name],
+                            "padded": sum(b.padded_samples for b in bs) / sum(b.waveform.numel() for b in bs)}
+                     for name, bs in variants.items()}}
+
+
+def print_bucketing(r: dict) -> None:
+    rows = r["rows"]
+    print(f"\n6. Length bucketing on its own ({r['recipe']} recipe): our gan_step on the reader's first {r['n']} batches of epoch 0 "
+          f"({r['audio']:.1f} s of audio) and on random batches of the same utterances and sizes, "
+          f"{r['reps']} alternating passes")
+    for name, row in rows.items():
+        print(f"   {name:<28} audio s/s {row['rate']:6.2f}   padded {100 * row['padded']:5.1f}%")
+    names = list(rows)
+    print(f"   bucketed / random: {rows[names[0]]['rate'] / rows[names[1]]['rate']:.2f}x")
+
+
 # --- 4. and 5. our run_training against Coqui's Trainer on the same batches ----------------
 
 def cold_imports(data_uri: str) -> dict[str, float]:
@@ -726,7 +786,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and steps")
     parser.add_argument("--n", type=int, default=60, help="demo corpus size (utterances)")
-    parser.add_argument("--only", default="1,2,3,4", help="figures to run: 1, 2, 3, 4 (4 gives 5 too)")
+    parser.add_argument("--only", default="1,2,3,4,6", help="figures to run: 1, 2, 3, 4 (4 gives 5 too), 6")
+    parser.add_argument("--bucket-recipe", default="tiny",
+                        help="recipe for figure 6 (bn_bd_vits: the 83M reference model, slow on a CPU)")
+    parser.add_argument("--bucket-batches", type=int, default=0, help="batches for figure 6 (0: 10, 6 with --quick)")
     parser.add_argument("--bucket-mb", type=float, default=load().train.grad_bucket_mb,
                         help="gradient bucket size for figure 3 (train.grad_bucket_mb)")
     args = parser.parse_args()
@@ -779,6 +842,9 @@ def main() -> None:
             print_throughput(t)
             fixed_cost(run, theirs, imports, built["seconds"])
             print_local(local, t, batches, cfg.audio.sample_rate)
+        if 6 in figures:
+            n_batches = args.bucket_batches or (6 if args.quick else 10)
+            print_bucketing(bucketing_gain(data_uri, built, n_batches, 2 if args.quick else 3, args.bucket_recipe))
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
