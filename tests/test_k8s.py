@@ -1,0 +1,370 @@
+"""The KubeRay manifests under k8s/: render base and overlays, then check them offline.
+
+No cluster and no network. A tiny kustomize renderer lives here because CI has no kustomize binary;
+where `kubectl` or `kustomize` is installed, its output is compared with ours. The renderer supports
+only: `resources` (files or directories with a kustomization.yaml) and `patches` with a `target`
+(kind and name only) and an inline JSON6902 op list (add / remove / replace). Anything else in a
+kustomization.yaml fails the test, so an unsupported feature can never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the manifests")
+jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is needed to validate against the CRDs")
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+TARGETS = ["base", "overlays/dev-cpu", "overlays/gpu"]
+SECRET_ENV = {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}  # the CRD has no enum
+
+
+# --- the renderer -------------------------------------------------------------------------
+
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), f"JSON pointer must start with '/': {path!r}"
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _apply_op(doc: dict, op: dict) -> None:
+    assert set(op) <= {"op", "path", "value"}, f"unsupported patch op fields: {op}"
+    *parents, last = _pointer(op["path"])
+    node = doc
+    for key in parents:  # a missing parent is an error, as in JSON6902
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    kind = op["op"]
+    if isinstance(node, list):
+        if kind == "add":
+            node.insert(len(node) if last == "-" else int(last), op["value"])
+            return
+        index = int(last)
+        assert 0 <= index < len(node), f"{op['path']}: index out of range"
+        if kind == "replace":
+            node[index] = op["value"]
+        elif kind == "remove":
+            del node[index]
+        else:
+            raise AssertionError(f"unsupported op {kind!r}")
+        return
+    if kind in ("replace", "remove"):
+        assert last in node, f"{kind} of a missing path {op['path']}"
+    if kind in ("add", "replace"):
+        node[last] = op["value"]
+    elif kind == "remove":
+        del node[last]
+    else:
+        raise AssertionError(f"unsupported op {kind!r}")
+
+
+def render(directory: Path) -> list[dict]:
+    kz = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unsupported = set(kz) - {"apiVersion", "kind", "resources", "patches"}
+    assert not unsupported, f"{directory}: the test renderer does not support {sorted(unsupported)}"
+    docs: list[dict] = []
+    for entry in kz.get("resources", []):
+        path = directory / entry
+        if path.is_dir():
+            docs += render(path)
+        else:
+            # Via JSON: YAML aliases load as one shared object, and patching one place would
+            # change every place that alias appears (kustomize expands them into copies).
+            docs += [json.loads(json.dumps(d)) for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in kz.get("patches", []):
+        assert set(patch) == {"target", "patch"}, f"{directory}: only inline patches with a target: {patch}"
+        target = patch["target"]
+        assert set(target) <= {"kind", "name"}, f"{directory}: unsupported target selector {target}"
+        ops = yaml.safe_load(patch["patch"])
+        assert isinstance(ops, list), f"{directory}: only JSON6902 op lists are supported"
+        hits = [d for d in docs if d["kind"] == target["kind"] and d["metadata"]["name"] == target.get("name")]
+        assert hits, f"{directory}: patch target {target} matches nothing"
+        for doc in hits:
+            for op in ops:
+                _apply_op(doc, op)
+    return docs
+
+
+@lru_cache(maxsize=None)
+def _rendered(target: str) -> tuple:
+    return tuple(render(K8S / target))
+
+
+def rendered(target: str) -> list[dict]:
+    return copy.deepcopy(list(_rendered(target)))
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+# --- walking the pods ---------------------------------------------------------------------
+
+def cluster_specs(docs):
+    """(where, RayCluster spec) for the RayCluster and every RayJob's own cluster."""
+    for doc in docs:
+        if doc["kind"] == "RayCluster":
+            yield doc["metadata"]["name"], doc["spec"]
+        elif doc["kind"] == "RayJob" and "rayClusterSpec" in doc["spec"]:
+            yield doc["metadata"]["name"] + ".rayClusterSpec", doc["spec"]["rayClusterSpec"]
+
+
+def pod_templates(docs):
+    """(where, group or None, pod template) for every pod KubeRay creates from these objects."""
+    for where, spec in cluster_specs(docs):
+        yield f"{where}.head", None, spec["headGroupSpec"]["template"]
+        for group in spec.get("workerGroupSpecs", []):
+            yield f"{where}.{group['groupName']}", group, group["template"]
+    for job in by_kind(docs, "RayJob"):
+        if "submitterPodTemplate" in job["spec"]:
+            yield job["metadata"]["name"] + ".submitter", None, job["spec"]["submitterPodTemplate"]
+
+
+def gpus(container) -> tuple:
+    res = container["resources"]
+    return res.get("requests", {}).get("nvidia.com/gpu"), res.get("limits", {}).get("nvidia.com/gpu")
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_renders(target):
+    kinds = sorted(d["kind"] for d in rendered(target))
+    assert kinds == ["ConfigMap", "RayCluster", "RayJob"]
+    assert not by_kind(rendered(target), "Secret"), "Secrets are created by hand, never committed"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_renderer_matches_kustomize(target):
+    cmd = (["kustomize", "build"] if shutil.which("kustomize")
+           else ["kubectl", "kustomize"] if shutil.which("kubectl") else None)
+    if cmd is None:
+        pytest.skip("neither kustomize nor kubectl is installed; only the test renderer is used")
+    out = subprocess.run([*cmd, str(K8S / target)], capture_output=True, text=True, timeout=60, check=True)
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(yaml.safe_load_all(out.stdout), key=key) == sorted(rendered(target), key=key)
+
+
+def test_renderer_refuses_what_it_does_not_support(tmp_path):
+    (tmp_path / "cm.yaml").write_text("kind: ConfigMap\nmetadata: {name: a}\n")
+    (tmp_path / "kustomization.yaml").write_text("resources: [cm.yaml]\nnamePrefix: x-\n")
+    with pytest.raises(AssertionError, match="does not support"):
+        render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [cm.yaml]\npatches:\n  - target: {kind: ConfigMap, name: b}\n    patch: '[]'\n")
+    with pytest.raises(AssertionError, match="matches nothing"):
+        render(tmp_path)
+
+
+# --- the CRD schemas ----------------------------------------------------------------------
+
+def _crd_dir() -> Path | None:
+    for candidate in (os.environ.get("KUBERAY_CRDS"),
+                      REPO.parent / "shared" / "kuberay-crds", REPO / "shared" / "kuberay-crds"):
+        if candidate and (Path(candidate) / "ray.io_rayjobs.yaml").is_file():
+            return Path(candidate)
+    return None
+
+
+def _strict(schema):
+    """Close every object schema that lists its properties, so a misspelt field is an error."""
+    if isinstance(schema, list):
+        for item in schema:
+            _strict(item)
+        return
+    if not isinstance(schema, dict):
+        return
+    if ("properties" in schema and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        schema["additionalProperties"] = False
+    for key, value in schema.items():
+        if key == "properties":  # a map of field name -> schema; field names are not keywords
+            for sub in value.values():
+                _strict(sub)
+        else:
+            _strict(value)
+
+
+@lru_cache(maxsize=None)
+def validator(kind: str):
+    crds = _crd_dir()
+    if crds is None:
+        pytest.skip("KubeRay CRDs not found (expected ../shared/kuberay-crds beside the repo, or $KUBERAY_CRDS)")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((crds / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    _strict(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def schema_errors(doc: dict) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(doc["kind"]).iter_errors(doc)]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_kuberay_objects_match_the_crds(target):
+    for doc in rendered(target):
+        if doc["apiVersion"].startswith("ray.io/"):
+            assert doc["apiVersion"] == "ray.io/v1"
+            assert schema_errors(doc) == [], doc["kind"]
+
+
+def test_a_misspelt_field_is_rejected():
+    job = by_kind(rendered("base"), "RayJob")[0]
+    job["spec"]["shutdownAfterJobFinishe"] = job["spec"].pop("shutdownAfterJobFinishes")
+    assert any("shutdownAfterJobFinishe" in e for e in schema_errors(job))
+    cluster = by_kind(rendered("base"), "RayCluster")[0]
+    cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
+    assert any("securityContex" in e for e in schema_errors(cluster))
+
+
+# --- what the pods must satisfy -----------------------------------------------------------
+
+def assert_restricted(where, security, pod_level):
+    """The fields the "restricted" Pod Security Standard requires, set explicitly."""
+    assert security, f"{where}: no securityContext"
+    assert security.get("runAsNonRoot") is True, where
+    assert security.get("runAsUser", 0) != 0, where
+    assert security.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+    if not pod_level:
+        assert security.get("allowPrivilegeEscalation") is False, where
+        assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+        assert not security.get("privileged"), where
+
+
+def assert_resources(where, resources):
+    for part in ("requests", "limits"):
+        for name in ("cpu", "memory"):
+            assert name in resources.get(part, {}), f"{where}: no {part}.{name}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pods_are_restricted_and_bounded(target):
+    docs = rendered(target)
+    for where, group, template in pod_templates(docs):
+        spec = template["spec"]
+        assert_restricted(where, spec.get("securityContext"), pod_level=True)
+        for container in spec["containers"] + spec.get("initContainers", []):
+            name = f"{where}/{container['name']}"
+            assert_restricted(name, container.get("securityContext"), pod_level=False)
+            assert_resources(name, container.get("resources", {}))
+            requested, limited = gpus(container)
+            if group is not None and (requested or limited or container["image"].endswith("-gpu")):
+                assert requested == limited and limited and int(limited) >= 1, f"{name}: GPU request != limit"
+                assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} \
+                    in spec.get("tolerations", []), f"{name}: the GPU taint is not tolerated"
+        for volume in spec.get("volumes", []):  # restricted allows only these volume types
+            assert set(volume) - {"name"} <= {"emptyDir", "configMap", "secret", "projected",
+                                              "downwardAPI", "persistentVolumeClaim", "ephemeral", "csi"}
+    for where, spec in cluster_specs(docs):
+        assert spec["enableInTreeAutoscaling"] is True, where
+        autoscaler = spec.get("autoscalerOptions", {})  # KubeRay adds this sidecar to the head pod
+        assert_restricted(f"{where}.autoscaler", autoscaler.get("securityContext"), pod_level=False)
+        assert_resources(f"{where}.autoscaler", autoscaler.get("resources", {}))
+
+
+def test_overlays_choose_the_worker_flavour():
+    def gpu_groups(target):
+        return [g for _, g, t in pod_templates(rendered(target)) if g and any(gpus(c)[1] for c in t["spec"]["containers"])]
+    assert gpu_groups("base") and gpu_groups("overlays/gpu")
+    assert not gpu_groups("overlays/dev-cpu")
+    assert "nvidia.com" not in yaml.safe_dump(rendered("overlays/dev-cpu"))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_job_runs_on_its_own_cluster_shaped_like_the_raycluster(target):
+    docs = rendered(target)
+    (cluster,), (job,) = by_kind(docs, "RayCluster"), by_kind(docs, "RayJob")
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"], "RayJob.rayClusterSpec drifted from the RayCluster"
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
+    assert spec["backoffLimit"] >= 1
+    assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES
+
+
+# --- secrets --------------------------------------------------------------------------------
+
+def env_entries(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env" and isinstance(value, list):
+                yield from value
+            else:
+                yield from env_entries(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from env_entries(item)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_secrets_come_only_from_secret_refs(target):
+    entries = list(env_entries(rendered(target)))
+    names = {e["name"] for e in entries}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"} <= names
+    for entry in entries:
+        if entry["name"] in SECRET_ENV:
+            assert "value" not in entry, f"{entry['name']} has a literal value"
+            assert "secretKeyRef" in entry.get("valueFrom", {}), f"{entry['name']} is not from a Secret"
+        if entry["name"] == "RAY_AUTH_MODE":
+            assert entry["value"] == "token"
+
+
+def test_no_aws_key_is_committed():
+    for path in K8S.rglob("*"):
+        if path.is_file():
+            assert not re.search(r"AKIA[0-9A-Z]{16}", path.read_text()), f"{path} holds what looks like an AWS key"
+
+
+# --- versions and the entrypoint ------------------------------------------------------------
+
+def pinned_ray() -> str:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (version,) = [d.split("==")[1] for d in deps if re.match(r"ray(\[.*\])?==", d)]
+    return version
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ray_version_and_images_are_pinned(target):
+    docs, ray = rendered(target), pinned_ray()
+    for where, spec in cluster_specs(docs):
+        assert spec["rayVersion"] == ray, where
+    for where, _, template in pod_templates(docs):
+        for container in template["spec"]["containers"]:
+            image = container["image"]
+            assert re.fullmatch(rf"[\w./-]+/vits-ray:[\w.]+-ray{re.escape(ray)}-py311-(cpu|gpu)", image), \
+                f"{where}: image {image} does not pin Ray {ray}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_entrypoint_parses_with_the_real_cli(target):
+    from vits_ray.cli import main
+    from vits_ray.config import load_config
+
+    (job,) = by_kind(rendered(target), "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/train.py"] and (REPO / "jobs" / "train.py").is_file()
+    # Not resilient: an unknown or renamed option, or a missing required one, raises here.
+    ctx = main.commands["train"].make_context("jobs/train.py", argv[2:])
+    params = ctx.params
+    assert params["name"] and params["storage"].startswith("s3://") and params["data"].startswith("s3://")
+    load_config(params["config_path"], params["overrides"])  # the recipe exists and is valid
+    # The job must fit in the cluster it brings up, or it waits forever for workers.
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    if params["gpu"]:
+        capacity = sum(g["maxReplicas"] * int(gpus(g["template"]["spec"]["containers"][0])[1] or 0) for g in groups)
+    else:
+        capacity = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+                       for g in groups) // params["cpus_per_worker"]
+    assert 1 <= params["workers"] <= capacity, f"--workers {params['workers']} > capacity {capacity}"
