@@ -1,7 +1,11 @@
 """The `vits-ray` command line: subcommands exist, have help, and call the library."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from vits_ray.cli import main
@@ -43,3 +47,34 @@ def test_train_rejects_a_bad_drill_before_anything_runs(tmp_path):
     result = CliRunner().invoke(main, ["train", "--data", str(tmp_path), "--storage", str(tmp_path),
                                        "--name", "x", "--drill", "boom@1"])
     assert result.exit_code != 0 and "nan@STEP" in result.output
+
+
+def _job(script: str, *args: str) -> subprocess.CompletedProcess:
+    """A `ray job submit` entrypoint, run as the job's driver runs it: `python jobs/<stage>.py ...`."""
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, str(root / "jobs" / script), *args], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_job_entrypoints_run_the_stages_as_the_cli_does(demo_corpus_dir, tmp_path):
+    done = _job("prepare.py", "--input", str(demo_corpus_dir), "--format", "ljspeech",
+                "--output", str(tmp_path / "shards"), "--config", "tiny", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "shards" / "manifest.json").exists()
+    log = Path(__file__).resolve().parent / "data" / "coqui_trainer_0_log.txt"
+    done = _job("report.py", str(log), "--out", str(tmp_path / "report"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "report" / "report.md").exists()
+
+
+@pytest.mark.parametrize("script,args", [("prepare.py", ["--input", "nowhere", "--format", "ljspeech",
+                                                         "--output", "x"]),
+                                         ("train.py", ["--data", "x", "--storage", "y"])])
+def test_job_entrypoints_fail_with_the_clis_message(script, args):
+    from click.testing import CliRunner
+
+    done = _job(script, *args)
+    cli = CliRunner().invoke(main, [script.removesuffix(".py"), *args])
+    assert done.returncode == cli.exit_code == 2
+    message = cli.output.strip().splitlines()[-1]  # click names the bad option the same way
+    assert message and message in done.stderr, (message, done.stderr)

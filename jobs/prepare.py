@@ -1,0 +1,13 @@
+"""Entrypoint for `ray job submit`: the same code as `vits-ray prepare`.
+
+    ray job submit --working-dir . -- python jobs/prepare.py --input corpus/ --format ljspeech \
+        --output s3://bucket/bn/shards --config bn_bd_vits
+
+The corpus folder must be readable where the job's driver runs (it travels with --working-dir
+when it is inside the repo, or lives on a shared disk); the shards go wherever --output says.
+"""
+
+from vits_ray.cli import main
+
+if __name__ == "__main__":
+    main(["prepare", *__import__("sys").argv[1:]], prog_name="jobs/prepare.py")

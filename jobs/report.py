@@ -1,0 +1,11 @@
+"""Entrypoint for `ray job submit`: the same code as `vits-ray report`.
+
+    ray job submit --working-dir . -- python jobs/report.py s3://bucket/runs/bn-ft --out report/
+
+Reads a run (STORAGE/NAME, a metrics.jsonl or a Coqui trainer log) and writes the report.
+"""
+
+from vits_ray.cli import main
+
+if __name__ == "__main__":
+    main(["report", *__import__("sys").argv[1:]], prog_name="jobs/report.py")
