@@ -63,7 +63,7 @@ class GradientSync:
     their gradients) and are launched strictly in index order, so every rank issues the same
     collectives in the same order even when hooks fire in different orders. A parameter that got
     no gradient on a rank contributes zeros; after `finish()` every parameter has a gradient, the
-    average over ranks (on one worker: its own, or zeros), so all ranks step the same parameters.
+    average over ranks, so all ranks step the same parameters.
     Gradients live in the bucket buffers (views), so the averages need no copy back.
     """
 
@@ -150,10 +150,7 @@ class GradientSync:
         """After backward: launch what is left (missing gradients as zeros) and wait. Every
         parameter's gradient is then the average over ranks, held in its bucket."""
         if self.comm.world_size == 1:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            return
+            return  # nothing to average; the step fills missing gradients itself
         for b in range(self._next_launch, len(self.buckets)):
             bucket = self.buckets[b]
             for i, p in enumerate(bucket["params"]):

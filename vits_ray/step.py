@@ -95,8 +95,7 @@ def _optimize(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim
         (scaler.scale(loss) if scaler is not None else loss).backward()
     if grad_sync is not None:
         grad_sync.finish()
-    else:
-        _fill_missing_grads(params)  # the same semantics as with a sync: a missing gradient is zero
+    _fill_missing_grads(params)  # one worker, as many: a missing gradient is zero (after a sync, none is)
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)

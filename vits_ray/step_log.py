@@ -31,9 +31,6 @@ class PendingSteps:
         self._counts: list[list[float]] = []
         self._host: list[dict[str, Any]] = []
 
-    def __len__(self) -> int:
-        return len(self._values)
-
     def add(self, values: torch.Tensor, counts: dict[str, float], host: dict[str, Any]) -> None:
         """`values`: the step's device tensor (STEP_VALUE_KEYS); `counts`: SUMMED_KEYS of this
         rank; `host`: rank 0's view of the rest (step, epoch, learning rates, timings)."""

@@ -27,8 +27,9 @@ from typing import Any, Protocol
 import torch
 
 from vits_ray import checkpoint as ckpt_io
-from vits_ray.config import Config, config_from_dict, resume_conflicts
+from vits_ray.config import Config, load_config, resume_conflicts
 from vits_ray.distributed import Collectives, GradientSync, check_checksums, state_checksum
+from vits_ray.schedule import learning_rates
 from vits_ray.step import VAL_KEYS, Precision, eval_step, gan_step
 from vits_ray.step_log import PendingSteps
 
@@ -181,7 +182,7 @@ class Trainer:
         with self.session.latest_checkpoint() as directory:
             if directory is None:
                 return False
-            saved = config_from_dict(_read_toml(directory / "config.toml"))
+            saved = load_config(directory / "config.toml")
             conflicts = resume_conflicts(saved, self.cfg)
             if conflicts:
                 raise ResumeConfigError(
@@ -266,8 +267,6 @@ class Trainer:
             self.model.format_batch(batch.to_coqui(self.device, non_blocking=self.device.type == "cuda")))
 
     def _set_learning_rates(self, step: int) -> tuple[float, float]:
-        from vits_ray.schedule import learning_rates
-
         lr_0, lr_1 = learning_rates(self.cfg.optim, step - 1, self.progress.epoch, self.guard.lr_multiplier(step))
         if step < self.spike_drill_until:
             lr_0, lr_1 = lr_0 * SPIKE_DRILL_FACTOR, lr_1 * SPIKE_DRILL_FACTOR
@@ -291,9 +290,9 @@ class Trainer:
                           self.grad_syncs)
         self.progress.step = step
         self.progress.batch_in_epoch += 1
-        wrapped = bool(getattr(batch, "wrapped", False))
-        counts = {"batch_size": len(batch), "audio_seconds": batch.num_samples / self.cfg.audio.sample_rate,
-                  "utterances": 0 if wrapped else len(batch), "wrapped_utterances": len(batch) if wrapped else 0}
+        counts = {"batch_size": len(batch), "audio_seconds": batch.audio_seconds(self.cfg.audio.sample_rate),
+                  "utterances": 0 if batch.wrapped else len(batch),
+                  "wrapped_utterances": len(batch) if batch.wrapped else 0}
         # Data wait plus the host's time on the step (on a GPU, the time to queue it: the device
         # catches up at the next sync, and steady-state step times converge to the real ones).
         step_time = loader_time + time.perf_counter() - started
@@ -403,9 +402,3 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    import tomllib
-
-    return tomllib.loads(path.read_text(encoding="utf-8"))

@@ -228,99 +228,115 @@ def parse_coqui_log(text: str, name: str) -> RunData:
       running averages of the epoch's last printed step. Without an evaluation the block holds the
       training averages of the whole epoch, which become the epoch record directly.
     """
-    run = RunData(source=name, origin="coqui", step_time_includes_loader=False)
-    run.events_origin = "Coqui's trainer has no stability guard"
-    epoch = 0
-    block: Optional[str] = None  # "train", "eval_step", "eval_perf", None
-    current: dict[str, Any] = {}
-    train_avgs: dict[str, float] = {}
-    last_step_in_epoch = -1
-    eval_ran = False
-    eval_perf: dict[str, float] = {}
-    last_global = -1
-    lines = _ANSI.sub("", text).splitlines()
+    parser = _CoquiLogParser(name)
+    for lineno, line in enumerate(_ANSI.sub("", text).splitlines(), 1):
+        parser.feed(lineno, line)
+    return parser.finish()
 
-    def close_block() -> None:
-        nonlocal block, current, eval_perf
-        if block == "train" and current:
-            run.steps.append(current)
-        elif block == "eval_perf" and eval_perf:
-            close_epoch(eval_perf)
-        block, current, eval_perf = None, {}, {}
 
-    def close_epoch(perf: Optional[dict[str, float]]) -> None:
-        nonlocal train_avgs, eval_ran, last_step_in_epoch
-        step = run.steps[-1]["step"] if run.steps else 0
-        if perf is not None and not eval_ran:
-            avgs = perf
-        else:
-            avgs = train_avgs
-            if perf is not None:
-                run.vals.append({"kind": "val", "step": step, "epoch": epoch,
-                                 **{"val_" + k[len("avg_"):]: v for k, v in perf.items() if k.startswith("avg_")}})
-        if avgs:
-            run.epochs.append({"kind": "epoch", "epoch": epoch, "step": step, "steps": last_step_in_epoch + 1,
-                               **{"avg_" + _rename(k[len("avg_"):]): v for k, v in avgs.items()
-                                  if k.startswith("avg_")}})
-        train_avgs, eval_ran, last_step_in_epoch = {}, False, -1
+class _CoquiLogParser:
+    """Line by line: a line either opens a block (epoch, train step, eval step, eval performance)
+    or adds a value to the open one; closing a block turns it into records."""
 
-    pending_epoch_close = False
-    for lineno, line in enumerate(lines, 1):
+    def __init__(self, name: str):
+        self.name = name
+        self.run = RunData(source=name, origin="coqui", step_time_includes_loader=False)
+        self.run.events_origin = "Coqui's trainer has no stability guard"
+        self.epoch = 0
+        self.block: Optional[str] = None  # "train", "eval_step", "eval_perf", None
+        self.current: dict[str, Any] = {}
+        self.train_avgs: dict[str, float] = {}
+        self.last_step_in_epoch = -1
+        self.eval_ran = False
+        self.eval_perf: dict[str, float] = {}
+        self.last_global = -1
+
+    def feed(self, lineno: int, line: str) -> None:
         m = _EPOCH.match(line)
         if m:
-            close_block()
-            if pending_epoch_close or train_avgs:
-                close_epoch(None)
-            pending_epoch_close = False
-            epoch = int(m.group(1))
-            continue
+            self.close_block()
+            if self.train_avgs:
+                self.close_epoch(None)
+            self.epoch = int(m.group(1))
+            return
         m = _TRAIN_STEP.search(line)
         if m:
-            close_block()
-            block = "train"
-            global_step = int(m.group(4))
-            if global_step < last_global:
-                run.warnings.append(f"{name} line {lineno}: GLOBAL_STEP went back from {last_global} to "
-                                    f"{global_step} (the log holds more than one run; all are shown)")
-            last_global = global_step
-            last_step_in_epoch = int(m.group(2))
-            current = {"kind": "step", "step": global_step, "epoch": epoch, "step_in_epoch": int(m.group(2)),
-                       "steps_in_epoch": int(m.group(3)) + 1, "time_text": m.group(1)}
-            continue
+            self.open_train_step(lineno, m)
+            return
         if "> EVALUATION" in line:
-            close_block()
-            eval_ran = True
-            continue
+            self.close_block()
+            self.eval_ran = True
+            return
         if _EVAL_STEP.match(line):
-            close_block()
-            block = "eval_step"
-            continue
+            self.close_block()
+            self.block = "eval_step"
+            return
         if "--> EVAL PERFORMANCE" in line:
-            close_block()
-            block = "eval_perf"
-            continue
+            self.close_block()
+            self.block = "eval_perf"
+            return
         if "> TRAINING (" in line:
-            close_block()
-            continue
-        m = _VALUE.match(line)
-        if m and block == "train":
+            self.close_block()
+            return
+        self.add_value(line, _VALUE.match(line))
+
+    def open_train_step(self, lineno: int, m: re.Match) -> None:
+        self.close_block()
+        self.block = "train"
+        global_step = int(m.group(4))
+        if global_step < self.last_global:
+            self.run.warnings.append(f"{self.name} line {lineno}: GLOBAL_STEP went back from {self.last_global} "
+                                     f"to {global_step} (the log holds more than one run; all are shown)")
+        self.last_global = global_step
+        self.last_step_in_epoch = int(m.group(2))
+        self.current = {"kind": "step", "step": global_step, "epoch": self.epoch, "step_in_epoch": int(m.group(2)),
+                        "steps_in_epoch": int(m.group(3)) + 1, "time_text": m.group(1)}
+
+    def add_value(self, line: str, m: Optional[re.Match]) -> None:
+        if m and self.block == "train":
             value = _number(m.group(2))
             if value is not None:
-                current[_rename(m.group(1))] = value
+                self.current[_rename(m.group(1))] = value
             if m.group(3) is not None:
                 avg = _number(m.group(3))
                 if avg is not None:
-                    train_avgs["avg_" + m.group(1)] = avg
-        elif m and block == "eval_perf" and m.group(1).startswith("avg_"):
+                    self.train_avgs["avg_" + m.group(1)] = avg
+        elif m and self.block == "eval_perf" and m.group(1).startswith("avg_"):
             value = _number(m.group(2))
             if value is not None:
-                eval_perf[m.group(1)] = value
-        elif block == "eval_perf" and line.strip() and not m:
-            close_block()
-    close_block()
-    if train_avgs:
-        close_epoch(None)  # an epoch cut short: its running averages so far
-    if not run.steps and not run.epochs:
-        raise ReportError(f"{name}: no Coqui training step blocks (`--> TIME: ... -- STEP:`) or epoch "
-                          "averages found; is this a Coqui trainer log?")
-    return run
+                self.eval_perf[m.group(1)] = value
+        elif self.block == "eval_perf" and line.strip() and not m:
+            self.close_block()
+
+    def close_block(self) -> None:
+        if self.block == "train" and self.current:
+            self.run.steps.append(self.current)
+        elif self.block == "eval_perf" and self.eval_perf:
+            self.close_epoch(self.eval_perf)
+        self.block, self.current, self.eval_perf = None, {}, {}
+
+    def close_epoch(self, perf: Optional[dict[str, float]]) -> None:
+        run = self.run
+        step = run.steps[-1]["step"] if run.steps else 0
+        if perf is not None and not self.eval_ran:
+            avgs = perf
+        else:
+            avgs = self.train_avgs
+            if perf is not None:
+                run.vals.append({"kind": "val", "step": step, "epoch": self.epoch,
+                                 **{"val_" + k[len("avg_"):]: v for k, v in perf.items() if k.startswith("avg_")}})
+        if avgs:
+            run.epochs.append({"kind": "epoch", "epoch": self.epoch, "step": step,
+                               "steps": self.last_step_in_epoch + 1,
+                               **{"avg_" + _rename(k[len("avg_"):]): v for k, v in avgs.items()
+                                  if k.startswith("avg_")}})
+        self.train_avgs, self.eval_ran, self.last_step_in_epoch = {}, False, -1
+
+    def finish(self) -> RunData:
+        self.close_block()
+        if self.train_avgs:
+            self.close_epoch(None)  # an epoch cut short: its running averages so far
+        if not self.run.steps and not self.run.epochs:
+            raise ReportError(f"{self.name}: no Coqui training step blocks (`--> TIME: ... -- STEP:`) or epoch "
+                              "averages found; is this a Coqui trainer log?")
+        return self.run
