@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from vits_ray.errors import NonRetryable
+
 # Recipes live beside the job entrypoints so `ray job submit` ships them with the working dir.
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(NonRetryable, ValueError):
     """A user error in a recipe or an override; the message names the key."""
 
 
@@ -163,9 +165,13 @@ class TrainConfig:
     grad_bucket_mb: float = 25.0
     # "bf16" halves the all-reduce traffic at the cost of gradient precision.
     grad_compression: Literal["none", "bf16"] = "none"
+    # Worker errors (a killed worker, a lost node, an outage longer than the storage retries)
+    # restart the worker group from the latest checkpoint this many times; -1: without limit.
+    max_failures: int = 3
 
     def validate(self, prefix: str) -> None:
         _check(self.grad_bucket_mb > 0, f"{prefix}.grad_bucket_mb", "must be positive")
+        _check(self.max_failures >= -1, f"{prefix}.max_failures", "must be >= 0, or -1 for no limit")
         for name in ("batch_size", "epochs", "save_step", "keep_last", "log_step", "val_step", "val_batches"):
             _check(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
         _check(self.max_batch_seconds > 0, f"{prefix}.max_batch_seconds", "must be positive")
@@ -183,7 +189,10 @@ class DataConfig:
     clip_threshold: float = 0.999
     max_clipped_fraction: float = 0.01
     rows_per_shard: int = 256
-    cache_dir: str = ""  # empty: a temporary folder per worker
+    cache_dir: str = ""  # empty: a temporary folder per worker, removed when its reader closes
+    # GiB of remote shards cached locally; beyond it the least recently used are evicted. A
+    # cache_dir shared by several workers is kept under it by each of them.
+    cache_max_gb: float = 20.0
     # Shards fetched ahead; at least the reader's shuffle window (4), so a new window never waits.
     prefetch_shards: int = 4
 
@@ -195,6 +204,12 @@ class DataConfig:
         _check(0.0 <= self.max_clipped_fraction <= 1.0, f"{prefix}.max_clipped_fraction", "must be in [0, 1]")
         _check(self.rows_per_shard > 0, f"{prefix}.rows_per_shard", "must be positive")
         _check(self.prefetch_shards >= 0, f"{prefix}.prefetch_shards", "must be >= 0")
+        _check(self.cache_max_gb > 0, f"{prefix}.cache_max_gb", "must be positive")
+
+    @property
+    def cache_max_bytes(self) -> int:
+        """`cache_max_gb` in bytes, for ShardReader(cache_max_bytes=...)."""
+        return int(self.cache_max_gb * (1 << 30))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,11 +217,20 @@ class StorageConfig:
     # Empty: taken from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS itself.
     endpoint_url: str = ""
     region: str = ""
+    # Transient failures (endpoint down, throttling, 5xx) are retried with exponential backoff for
+    # this long before an operation fails; 0 disables retries. Missing keys and denied access fail at once.
+    retry_seconds: float = 300.0
+    retry_initial_seconds: float = 0.5
+    retry_max_backoff_seconds: float = 30.0
 
     def validate(self, prefix: str) -> None:
         if self.endpoint_url:
             _check(self.endpoint_url.startswith(("http://", "https://")), f"{prefix}.endpoint_url",
                    "must start with http:// or https://")
+        _check(self.retry_seconds >= 0, f"{prefix}.retry_seconds", "must be >= 0 (0: no retries)")
+        _check(self.retry_initial_seconds > 0, f"{prefix}.retry_initial_seconds", "must be positive")
+        _check(self.retry_max_backoff_seconds >= self.retry_initial_seconds, f"{prefix}.retry_max_backoff_seconds",
+               "must be >= retry_initial_seconds")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -464,7 +488,9 @@ def dump_toml(data: dict[str, dict[str, Any]]) -> str:
 RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.max_steps", "train.save_step", "train.keep_last", "train.log_step",
     "train.val_step", "train.val_batches", "data.cache_dir", "data.prefetch_shards",
-    "storage.endpoint_url", "storage.region",
+    "storage.endpoint_url", "storage.region", "storage.retry_seconds", "storage.retry_initial_seconds",
+    "storage.retry_max_backoff_seconds", "train.max_failures",
+    "data.cache_max_gb",
 })
 
 

@@ -21,12 +21,17 @@ the windows it shares with its neighbours at the ends of its range).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import math
 import os
+import re
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -156,19 +161,58 @@ def shard_reads(plan: list[PlannedBatch]) -> list[ShardRead]:
                 reads.append(read)
             read.last = index
     return reads
-class ShardSource:
-    """Fetches shards from a store, verifies their checksums, keeps a local cache for remote stores."""
 
-    def __init__(self, store, shard_entries: list[dict], cache_dir: str = ""):
+
+# The shard cache's default bound (data.cache_max_gb); the reader's disk must hold this much.
+DEFAULT_CACHE_MAX_BYTES = 20 << 30
+# A temporary cache file this old is the leftover of a killed writer (writing a shard takes seconds).
+STALE_TMP_SECONDS = 3600
+_CACHED_NAME = re.compile(r"[0-9a-f]{64}\.parquet(\.\d+\.\d+\.tmp)?")
+
+# Cached files that some ShardSource of this process is reading now; eviction leaves them alone.
+_reading: collections.Counter[str] = collections.Counter()
+_reading_lock = threading.Lock()
+
+
+class ShardSource:
+    """Fetches shards from a store, verifies their checksums, keeps a bounded local cache for remote stores.
+
+    Cached shards are named by checksum, so readers of the same data (workers on one machine, a
+    relaunch) may share a cache folder. When a new shard would take the folder past
+    `cache_max_bytes`, the least recently used shards are evicted first (recency is the file's
+    mtime, so it is shared between processes). Eviction by one reader only costs the others a
+    re-fetch: a file already open stays readable after it is unlinked (POSIX), and a reader that
+    finds its cached file gone fetches it again.
+    """
+
+    def __init__(self, store, shard_entries: list[dict], cache_dir: str = "",
+                 cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES):
+        if cache_max_bytes <= 0:
+            raise ValueError(f"cache_max_bytes must be positive, got {cache_max_bytes}")
         self.store = store
         self.entries = shard_entries
         self.remote = store.uri.startswith("s3://")
-        # Local shards are read in place; only remote ones are cached (by checksum, so two readers
-        # of the same data share a cache folder safely).
+        self.cache_max_bytes = int(cache_max_bytes)
+        self._arrow_fs = None
+        self._remove_cache = None
+        # Local shards are read in place; only remote ones are cached.
         self.cache_dir = ""
-        if self.remote:
-            self.cache_dir = cache_dir or tempfile.mkdtemp(prefix="vits-ray-shards-")
+        if self.remote and cache_dir:
+            self.cache_dir = cache_dir
             os.makedirs(self.cache_dir, exist_ok=True)
+        elif self.remote:
+            self.cache_dir = tempfile.mkdtemp(prefix="vits-ray-shards-")
+            # Nobody else knows this folder, so it goes with its source: on close(), when the source
+            # is garbage collected, or at interpreter exit, whichever comes first.
+            self._remove_cache = weakref.finalize(self, shutil.rmtree, self.cache_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove the cache folder if this source created it; a given cache_dir is kept for reuse.
+
+        Reads after close still work, uncached.
+        """
+        if self._remove_cache is not None:
+            self._remove_cache()
 
     def _verified(self, data: bytes, entry: dict) -> bytes:
         digest = hashlib.sha256(data).hexdigest()
@@ -177,32 +221,106 @@ class ShardSource:
                              f"manifest's {entry['sha256'][:12]}…; the shard is corrupt or was rewritten")
         return data
 
+    def _fetch(self, entry: dict) -> bytes:
+        # store.read_bytes rides out outages (storage.retry_seconds) and names the URI when it gives up.
+        return self._verified(self.store.read_bytes(entry["path"]), entry)
+
     def read(self, index: int) -> pa.Table:
         entry = self.entries[index]
         if not self.remote:
-            data = self._verified(self.store.read_bytes(entry["path"]), entry)
-            return pq.read_table(pa.BufferReader(data))
+            return pq.read_table(pa.BufferReader(self._fetch(entry)))
         cached = os.path.join(self.cache_dir, entry["sha256"] + ".parquet")
-        if not os.path.exists(cached):
-            data = self._verified(self.store.read_bytes(entry["path"]), entry)
-            tmp = f"{cached}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with _reading_lock:
+            _reading[cached] += 1
+        try:
+            try:
+                with pa.OSFile(cached) as f:
+                    with contextlib.suppress(OSError):
+                        os.utime(cached)  # most recently used now
+                    return pq.read_table(f)
+            except FileNotFoundError:
+                pass  # not cached yet, or evicted by another reader of the folder
+            data = self._fetch(entry)
+            self._add_to_cache(cached, data)
+            return pq.read_table(pa.BufferReader(data))
+        finally:
+            with _reading_lock:
+                _reading[cached] -= 1
+                if not _reading[cached]:
+                    del _reading[cached]
+
+    def _add_to_cache(self, cached: str, data: bytes) -> None:
+        if len(data) > self.cache_max_bytes:
+            return  # it alone would break the bound; this read is served from memory
+        tmp = f"{cached}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            self._evict(room_for=len(data))
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, cached)
-        return pq.read_table(cached)
+        except OSError:
+            # The cache only saves downloads; a full disk, or a folder close() removed, must not fail
+            # a read whose bytes are already in memory.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _evict(self, room_for: int) -> None:
+        """Delete least recently used cached shards until `room_for` more bytes fit under the bound.
+
+        Several processes sharing the folder may each add a shard after checking, so the bound can
+        be passed by a few shards for a moment; the next eviction brings it back.
+        """
+        now = time.time()
+        files: list[tuple[float, str, int]] = []  # (last use, path, size) of finished shards
+        total = 0
+        with os.scandir(self.cache_dir) as scan:
+            for item in scan:
+                if not _CACHED_NAME.fullmatch(item.name):
+                    continue  # not ours: a shared folder may hold other things, never delete them
+                try:
+                    info = item.stat()
+                except FileNotFoundError:
+                    continue
+                if item.name.endswith(".tmp"):
+                    if now - info.st_mtime > STALE_TMP_SECONDS:
+                        with contextlib.suppress(OSError):
+                            os.unlink(item.path)
+                        continue
+                else:
+                    files.append((info.st_mtime, item.path, info.st_size))
+                total += info.st_size  # another writer's shard in progress counts too
+        with _reading_lock:
+            busy = set(_reading)
+        for _, path, size in sorted(files):
+            if total + room_for <= self.cache_max_bytes:
+                break
+            if path in busy:
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # another reader of the folder evicted it first
+            except OSError:
+                continue
+            total -= size
 
     def lengths(self, index: int) -> np.ndarray:
         entry = self.entries[index]
         if "row_num_samples" in entry:
             return np.asarray(entry["row_num_samples"], dtype=np.int64)
-        fs, base = self.store.arrow_filesystem()
+        if self._arrow_fs is None:
+            self._arrow_fs = self.store.arrow_filesystem()
+        fs, base = self._arrow_fs
         path = f"{base.rstrip('/')}/{entry['path']}" if base else entry["path"]
         try:
-            table = pq.read_table(path, columns=["num_samples"], filesystem=fs)
+            # This read bypasses the store's methods, so it gets the store's retries explicitly; an
+            # outage that outlasts them raises StorageError, which the fallback below lets through.
+            table = self.store.retry(lambda: pq.read_table(path, columns=["num_samples"], filesystem=fs),
+                                     "read num_samples", entry["path"])
         except (pa.ArrowException, OSError):
             # This column read skips the checksum; a damaged footer would otherwise surface as a bare
             # Arrow error that names no shard. Fetch the whole shard to say which one and why.
-            self._verified(self.store.read_bytes(entry["path"]), entry)
+            self._fetch(entry)
             raise
         return table.column("num_samples").to_numpy().astype(np.int64)
 
@@ -224,15 +342,15 @@ class ShardReader:
 
     def __init__(self, store, manifest: dict, split: str, rank: int, world_size: int, *, seed: int,
                  batch_size: int, max_batch_seconds: float, pad_id: int, cache_dir: str = "",
-                 prefetch: int = 2, shuffle_shards: int = 4, pin_memory: bool = False,
-                 allow_fewer_batches_than_ranks: bool = False):
+                 cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES, prefetch: int = 2, shuffle_shards: int = 4,
+                 pin_memory: bool = False, allow_fewer_batches_than_ranks: bool = False):
         entries = [s for s in manifest["shards"] if s["split"] == split]
         if not entries:
             raise ValueError(f"{store.url('manifest.json')}: no {split!r} shards")
         if shuffle_shards < 1:
             raise ValueError(f"shuffle_shards must be at least 1, got {shuffle_shards}")
         sample_rate = int(manifest["sample_rate"])
-        self.source = ShardSource(store, entries, cache_dir)
+        self.source = ShardSource(store, entries, cache_dir, cache_max_bytes)
         self.split = split
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size = batch_size
@@ -251,6 +369,13 @@ class ShardReader:
                              f"utterance ({longest / sample_rate:.2f} s)")
         self.loader_time = 0.0  # seconds spent waiting for the last batch
         self._cached_plan: tuple[int, list[PlannedBatch]] | None = None
+
+    def close(self) -> None:
+        """Remove the shard cache if the reader made a temporary one (see ShardSource.close).
+
+        Call it once no iter_epoch is running; the prefetch threads end with their epoch already.
+        """
+        self.source.close()
 
     def plan(self, epoch: int) -> list[PlannedBatch]:
         # batches_per_epoch and iter_epoch both ask for the same epoch; packing ~20k rows takes ~0.1 s.
