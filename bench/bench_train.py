@@ -35,8 +35,8 @@ measures, all fp32 on the CPU with one torch thread per process (Ray workers wit
    batches in the same order: the first N batches of our reader's plan for epoch 0 (world 1), as
    `VitsBatch.to_coqui("cpu")` dicts, through a `Vits` subclass whose `get_data_loader` returns
    them (`coqui_baseline.run_coqui_on_batches`). Both log every 10 steps. Steady state is steps
-   3..N-1, wall clock from one step to the next: ours from the `time` of consecutive metrics.jsonl
-   step records (stamped at the end of each step), Coqui's from its `on_train_step_start`
+   3..N-1, wall clock from one step to the next: ours from the `time` of consecutive step
+   records (stamped at the end of each step), Coqui's from its `on_train_step_start`
    callback. Audio seconds per second of that wall, ours / the mean of Coqui's two runs. Ours
    reads shards (its loader wait is in its figure); Coqui's batches are already in memory.
 5. Fixed cost of a run outside its steps, from the same runs: `ensure_ray` (timed around the
@@ -44,7 +44,7 @@ measures, all fp32 on the CPU with one torch thread per process (Ray workers wit
    Train worker process (from Ray's session logs), the mtime of config.toml (rank 0 writes it
    once the model and optimizers are built), the first step's start (its record's `time` minus
    `step_time`), the last step's end, the newest file in the checkpoint folder, in export/ and
-   metrics.jsonl (rewritten by `close()`), and the return of `run_training`. A fresh
+   records/ (the last segment, written by `close()`), and the return of `run_training`. A fresh
    interpreter's imports and first model build, and a warm build, are timed apart for
    comparison. Coqui: model and Trainer construction, and `fit()` outside its steps; one
    `save_checkpoint()` after fit is timed for comparison (Coqui's run here saves nothing).
@@ -77,6 +77,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from vits_ray.config import Config, load_config  # noqa: E402
+from vits_ray.runlog import RECORDS_DIR, read_records  # noqa: E402
+from vits_ray.storage import open_store  # noqa: E402
 
 LOG_STEP = 10
 # Validation and periodic checkpoints off, the stability guard's save cadence too: a run is steps,
@@ -627,13 +629,13 @@ def ours(data_uri: str, storage: Path, steps: int) -> dict:
         end = time.time()
     actors = ray_actor_starts(begin)
     run = storage / "ours"
-    records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    records = [r for r in read_records(open_store(str(run)))[0] if r["kind"] == "step"]
     checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())  # not Ray's checkpoint_manager files
     marks = {"begin": begin, "worker": min(actors.get("RayTrainWorker", [float("nan")])),
              "built": (run / "config.toml").stat().st_mtime,
              "first step": records[0]["time"] - records[0]["step_time"], "last step": records[-1]["time"],
              "checkpoint": newest_mtime(checkpoints[-1]), "export": newest_mtime(run / "export"),
-             "closed": (run / "metrics.jsonl").stat().st_mtime, "end": end}
+             "closed": newest_mtime(run / RECORDS_DIR), "end": end}
     return {"records": records, "marks": marks, "ray_start": ray_start, "preflight": preflight_seconds,
             "actors": actors}
 
@@ -650,12 +652,12 @@ def ours_local(data_uri: str, storage: Path, steps: int) -> dict:
         end = time.time()
     torch.set_num_threads(1)
     run = storage / "local"
-    records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    records = [r for r in read_records(open_store(str(run)))[0] if r["kind"] == "step"]
     checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
     marks = {"begin": begin, "built": (run / "config.toml").stat().st_mtime,
              "first step": records[0]["time"] - records[0]["step_time"], "last step": records[-1]["time"],
              "checkpoint": newest_mtime(checkpoints[-1]), "export": newest_mtime(run / "export"),
-             "closed": (run / "metrics.jsonl").stat().st_mtime, "end": end}
+             "closed": newest_mtime(run / RECORDS_DIR), "end": end}
     return {"records": records, "marks": marks}
 
 

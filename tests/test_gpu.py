@@ -6,7 +6,6 @@ Marked `gpu`: skipped on machines without CUDA (CI here has none); run them wher
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -32,7 +31,10 @@ def _run(prepared_demo, root: Path, precision: str, steps: int = 6, overrides=()
     trainer = Trainer(job, 0, 1, torch.device("cuda", 0), DirectorySession(root / "checkpoints", 0))
     trainer.run()
     trainer.close()
-    return trainer, [json.loads(line) for line in (root / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    from vits_ray.runlog import read_records
+    from vits_ray.storage import open_store
+
+    return trainer, read_records(open_store(str(root / "gpu")))[0]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

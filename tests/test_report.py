@@ -39,7 +39,7 @@ def reference_curves() -> tuple[list[float], list[float]]:
     return gen, disc
 
 
-def write_reference_run(run_dir: Path, events: list[dict] | None = None, quality: list[dict] = ()) -> Path:
+def reference_records(quality: list[dict] = ()) -> list[dict]:
     gen, disc = reference_curves()
     rng = random.Random(0)
     lines = []
@@ -66,12 +66,32 @@ def write_reference_run(run_dir: Path, events: list[dict] | None = None, quality
                           "val_loss_gen": 2.1})
             lines.append({"kind": "checkpoint", "step": step, "epoch": epoch, "path": f"checkpoint_{step:08d}",
                           "param_checksums": [1.5, 1.5], "best": epoch == 69})
-    lines += list(quality)
+    return lines + list(quality)
+
+
+def write_reference_run(run_dir: Path, events: list[dict] | None = None, quality: list[dict] = ()) -> Path:
+    """The reference run as runs before segments stored it: metrics.jsonl (and events.jsonl)."""
+    lines = reference_records(quality)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if events is not None:
         (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     return run_dir
+
+
+def log_reference_run(store, events: list[dict] = ()) -> None:
+    """The reference run as the RunLogger stores it: segments (one per checkpoint), events in the stream."""
+    from vits_ray.runlog import RunLogger
+
+    logger = RunLogger(store, None, flush_seconds=3600)
+    for record in reference_records():
+        logger.log(record)
+        for event in events:
+            if record["kind"] == "step" and event["step"] == record["step"]:
+                logger.event(event)
+        if record["kind"] == "checkpoint":
+            logger.flush()
+    logger.close()
 
 
 GUARD_EVENTS = [
@@ -208,6 +228,80 @@ def test_run_on_s3_is_read_through_the_store(s3_uri, tmp_path):
         write_report(s3_uri + "-missing", tmp_path / "out2")
 
 
+# --- runs stored as segments ----------------------------------------------------------------
+
+def _comparable(report: dict) -> str:
+    # Where the records came from differs; everything computed from them must not. (JSON text:
+    # the events hold NaN, which never equals itself.)
+    return json.dumps({k: v for k, v in report.items() if k not in ("source", "events_origin")}, sort_keys=True)
+
+
+def test_segments_give_the_same_report_as_metrics_jsonl(reference_report, tmp_path):
+    from vits_ray.storage import open_store
+
+    log_reference_run(open_store(str(tmp_path / "run")), GUARD_EVENTS)
+    md = write_report(str(tmp_path / "run"), tmp_path / "out").read_text()
+    segments = json.loads((tmp_path / "out" / "report.json").read_text())
+    _, legacy, _ = reference_report
+    assert _comparable(segments) == _comparable(legacy)
+    assert segments["records"]["events"] == 4  # the stream's event records, not counted twice
+    assert f"4 event(s) from {tmp_path / 'run' / 'records'}" in md
+
+
+def test_relaunched_and_rolled_back_run_reads_as_one_timeline(tmp_path):
+    from vits_ray.runlog import RunLogger
+    from vits_ray.storage import open_store
+
+    store = open_store(str(tmp_path / "run"))
+
+    def step(n: int) -> dict:
+        return {"kind": "step", "step": n, "epoch": 0, "loss_0": 2.0, "loss_1": 40.0 - n, "step_time": 1.0,
+                "loader_time": 0.1}
+
+    first = RunLogger(store, None, flush_seconds=3600)
+    for n in range(1, 5):
+        first.log(step(n))
+    first.flush()  # the checkpoint at 4
+    for n in range(5, 8):
+        first.log(step(n))
+    first.close()  # killed after its records reached storage
+    second = RunLogger(store, 4, flush_seconds=3600)
+    for n in range(5, 7):
+        second.log(step(n))
+    second.event({"step": 6, "kind": "rollback", "detail": {"restored_step": 4}})
+    second.mark_rolled_back(4)
+    for n in range(5, 9):
+        second.log(step(n))
+    second.close()
+    run = load_run(str(tmp_path / "run"))
+    assert [r["step"] for r in run.steps] == list(range(1, 9))
+    assert [e["kind"] for e in run.events] == ["rollback"]
+    assert any("2 records from timelines abandoned by rollbacks" in w for w in run.warnings)
+
+
+def test_segments_on_s3_are_read_through_the_store(s3_uri, tmp_path):
+    from vits_ray.storage import open_store
+
+    log_reference_run(open_store(s3_uri), GUARD_EVENTS[:2])
+    md = write_report(s3_uri, tmp_path / "out").read_text()
+    assert f"Source: `{s3_uri}/records`" in md and f"2 event(s) from {s3_uri}/records" in md
+    assert "| avg_loss_1 | avg_loss_1 per epoch | 68.87 | 27.73 |" in md
+
+
+def test_damaged_segment_is_a_clear_error_naming_segment_and_line(tmp_path):
+    from vits_ray.runlog import segment_names
+    from vits_ray.storage import open_store
+
+    store = open_store(str(tmp_path / "run"))
+    log_reference_run(store)
+    name = segment_names(store)[2]
+    lines = store.read_bytes(name).decode().splitlines()
+    lines[4] = lines[4][:25]
+    store.write_bytes(name, ("\n".join(lines) + "\n").encode())
+    with pytest.raises(ReportError, match=re.escape(store.url(name)) + " line 5: not valid JSON"):
+        write_report(str(tmp_path / "run"), tmp_path / "out")
+
+
 # --- plots ----------------------------------------------------------------------------------
 
 def test_plots_are_pngs_with_spikes_and_rollbacks_marked(reference_report):
@@ -302,7 +396,7 @@ def test_torn_last_line_is_skipped_with_a_warning_in_the_report(tmp_path):
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
-    with pytest.raises(ReportError, match="neither metrics.jsonl nor a Coqui"):
+    with pytest.raises(ReportError, match="neither records/ segments, metrics.jsonl nor a Coqui"):
         write_report(str(tmp_path), tmp_path / "out")
 
 

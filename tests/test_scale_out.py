@@ -42,8 +42,10 @@ def test_broken_gradient_sync_is_caught_by_checksums(prepared_demo, tmp_path):
     failures = run_ranks(2, _unsynchronised, str(prepared_demo), tmp_path)
     assert failures and all("parameters differ across ranks at step 2" in tb for _, tb in failures), failures
     # the divergence was recorded, and never saved as a checkpoint
-    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-              if '"checkpoint"' in line][-1]
+    from vits_ray.runlog import read_records
+    from vits_ray.storage import open_store
+
+    record = [r for r in read_records(open_store(str(tmp_path / "run")))[0] if r["kind"] == "checkpoint"][-1]
     assert record["param_checksums"][0] != record["param_checksums"][1]
     assert not list((tmp_path / "checkpoints").glob("checkpoint_*"))
 

@@ -25,9 +25,19 @@ def job(shards, storage, name, *, overrides=(), **kwargs) -> TrainJob:
     return TrainJob(config=cfg.to_dict(), data_uri=str(shards), storage_uri=str(storage), name=name, **kwargs)
 
 
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+def records(run_dir: Path | str, kind: str) -> list[dict]:
+    """The run's metrics records of one kind (`run_dir`: a folder or an s3:// URI)."""
+    from vits_ray.runlog import read_records
+    from vits_ray.storage import open_store
+
+    return [r for r in read_records(open_store(str(run_dir)))[0] if r["kind"] == kind]
+
+
+def run_events(run_dir: Path) -> list[dict]:
+    from vits_ray.runlog import read_records
+    from vits_ray.storage import open_store
+
+    return read_records(open_store(str(run_dir)))[1]
 
 
 def final_state(run_dir: Path) -> dict:
@@ -148,8 +158,7 @@ def test_checkpoints_on_s3_and_resume_from_there(prepared_demo, ray_local, s3_ur
     keys = run.list()
     assert any(k.startswith("checkpoint_00000002/") for k in keys)
     assert any(k.startswith("checkpoint_00000003/") for k in keys)
-    steps = [json.loads(line)["step"] for line in run.read_bytes("metrics.jsonl").decode().splitlines()
-             if json.loads(line)["kind"] == "step"]
+    steps = [r["step"] for r in records(run.uri, "step")]
     assert steps == [1, 2, 3]
     assert run.exists("export/model.pth")
 
@@ -178,7 +187,7 @@ def test_nan_drill_is_skipped_and_weights_stay_finite(prepared_demo, ray_local, 
     assert all(r["skipped_1"] == 0 for r in steps if r["step"] != 3)
     state = final_state(tmp_path / "nan")
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-    events = [json.loads(line) for line in (tmp_path / "nan" / "events.jsonl").read_text().splitlines()]
+    events = run_events(tmp_path / "nan")
     assert any(e["kind"] == "nonfinite" and e["step"] == 3 for e in events)
 
 
@@ -240,7 +249,7 @@ def test_continuation_from_coqui_checkpoint_keeps_step_and_schedule(prepared_dem
     steps = records(tmp_path / "cont", "step")
     assert [r["step"] for r in steps] == [845501, 845502]
     assert math.isclose(steps[0]["lr_1"], 2e-4 * 0.999875 ** 1342, rel_tol=1e-9)
-    events = [json.loads(line) for line in (tmp_path / "cont" / "events.jsonl").read_text().splitlines()]
+    events = run_events(tmp_path / "cont")
     warm = next(e for e in events if e["kind"] == "warm_start")
     assert "text_encoder.emb.weight" in warm["detail"]["partially_loaded"]
 
@@ -249,7 +258,7 @@ def test_spike_drill_rolls_back_and_backs_off(prepared_demo, ray_local, tmp_path
     run_training(job(prepared_demo, tmp_path, "spike", max_steps=24, drills=(Drill("spike", 11),),
                      overrides=["train.save_step=10", "train.val_step=1000"]))
     run = tmp_path / "spike"
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    events = run_events(run)
     kinds = [e["kind"] for e in events]
     assert "spike" in kinds and "rollback" in kinds and "lr_backoff" in kinds, kinds
     backoff = next(e for e in events if e["kind"] == "lr_backoff")

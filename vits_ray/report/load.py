@@ -1,6 +1,7 @@
-"""Read a run's records: our `metrics.jsonl` / `events.jsonl` (local or s3://), or a Coqui trainer log.
+"""Read a run's records: our segments under `records/` (see `vits_ray.runlog`), the `metrics.jsonl` /
+`events.jsonl` of runs written before segments (local or s3://), or a Coqui trainer log.
 
-Both become one `RunData` holding plain record dicts with the key names our trainer writes, so
+All become one `RunData` holding plain record dicts with the key names our trainer writes, so
 the analysis never needs to know where the numbers came from.
 
 Decisions worth knowing:
@@ -9,8 +10,11 @@ Decisions worth knowing:
   other unparsable line is a `ReportError` naming the file and line: a damaged middle means the
   file cannot be trusted.
 - A file with no step and no epoch records is a `ReportError`: there is nothing to analyse.
-- `RunLogger.event` also copies each event into metrics.jsonl as `{"kind": "event", "event": <kind>}`;
-  events.jsonl, when present, is the authoritative list and those copies are not counted twice.
+- The old `RunLogger.event` also copied each event into metrics.jsonl as `{"kind": "event", "event":
+  <kind>}`; events.jsonl, when present, is the authoritative list and those copies are not counted twice.
+- A run with segments is read by `runlog.read_records`, which applies its resume and rollback
+  markers; its events are the event records of the stream. Segments are written whole, so any bad
+  line there is a `ReportError`, torn or not.
 """
 
 from __future__ import annotations
@@ -141,19 +145,45 @@ def load_jsonl_run(metrics_text: str, metrics_name: str, events_text: Optional[s
     return run
 
 
+def load_segments_run(store) -> RunData:
+    """A run written as segments (`records/` under `store`)."""
+    from vits_ray.runlog import RECORDS_DIR, RecordError, read_records
+    from vits_ray.storage import StorageError
+
+    name = store.url(RECORDS_DIR)
+    try:
+        metrics, events = read_records(store)
+    except (RecordError, StorageError) as err:
+        raise ReportError(f"{name}: cannot read the run's records: {err}") from err
+    run = RunData(source=name, origin="vits-ray")
+    _split_records(metrics, name, run)  # the event copies it returns are `events` again
+    run.events = [{k: _float(v) for k, v in e.items()} for e in events]
+    run.events_origin = name
+    return run
+
+
+def _has_segments(store) -> bool:
+    from vits_ray.runlog import segment_names
+
+    return bool(segment_names(store))
+
+
 # --- sources -----------------------------------------------------------------------------
 
 def _read_s3(uri: str) -> RunData:
     from vits_ray.storage import StorageError, open_store
 
-    if uri.rstrip("/").endswith(".jsonl"):
+    named_file = uri.rstrip("/").endswith(".jsonl")
+    if named_file:
         folder, name = uri.rstrip("/").rsplit("/", 1)
     else:
         folder, name = uri.rstrip("/"), METRICS_FILE
     try:
         store = open_store(folder)
+        if not named_file and _has_segments(store):
+            return load_segments_run(store)
         if not store.exists(name):
-            raise ReportError(f"{store.url(name)} not found: not a vits-ray run folder")
+            raise ReportError(f"{store.url(name)} not found, nor any records/ segments: not a vits-ray run folder")
         metrics = store.read_bytes(name).decode("utf-8")
         events = store.read_bytes(EVENTS_FILE).decode("utf-8") if store.exists(EVENTS_FILE) else None
     except StorageError as err:
@@ -174,12 +204,18 @@ def load_run(source: str) -> RunData:
         return _read_s3(source)
     path = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
     if path.is_dir():
+        from vits_ray.storage import open_store
+
+        store = open_store(str(path))
+        if _has_segments(store):
+            return load_segments_run(store)
         if (path / METRICS_FILE).exists():
             path = path / METRICS_FILE
         else:
             log = _coqui_log_in(path)
             if log is None:
-                raise ReportError(f"{path}: neither {METRICS_FILE} nor a Coqui trainer_0_log.txt in it")
+                raise ReportError(f"{path}: neither records/ segments, {METRICS_FILE} nor a Coqui trainer_0_log.txt "
+                                  "in it")
             path = log
     if not path.exists():
         raise ReportError(f"{path} not found")

@@ -172,7 +172,7 @@ def _events(a: Analysis) -> list[Block]:
         return blocks + [Para("This run has no events file (events.jsonl), and metrics.jsonl holds no event "
                               "records.")]
     if not r.events:
-        return blocks + [Para(f"No stability events recorded ({r.events_origin} is empty).")]
+        return blocks + [Para(f"No stability events recorded (none in {r.events_origin}).")]
     counts: dict[str, int] = {}
     for e in r.events:
         counts[e.get("kind", "?")] = counts.get(e.get("kind", "?"), 0) + 1
