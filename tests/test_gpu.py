@@ -54,8 +54,9 @@ def test_tiny_run_on_one_gpu(prepared_demo, tmp_path, precision):
         assert trainer.scaler is None and all(r["amp_scale"] == 1.0 for r in steps)
         assert not any(r["skipped_0"] or r["skipped_1"] for r in steps)  # bf16 has fp32's range
     assert all(p.device.type == "cuda" for p in trainer.model.parameters())
-    state = torch.load(sorted((tmp_path / "checkpoints").glob("checkpoint_*"))[-1] / "state.pt",
-                       map_location="cpu", weights_only=False)
+    from vits_ray.checkpoint import read as read_checkpoint
+
+    state = read_checkpoint(sorted((tmp_path / "checkpoints").glob("checkpoint_*"))[-1])
     assert "cuda" in state["rng"][0]  # only the training GPU's generator is saved
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vits_ray.checkpoint import check_plain, safe_load
 from vits_ray.config import Config
 
 if TYPE_CHECKING:
@@ -151,9 +152,16 @@ def warm_start(model: "Vits", checkpoint_path: Path, config_path: Path | None) -
 
     The text embedding is remapped by character: rows of characters both vocabularies share are
     copied, new characters keep their initialisation.
+
+    The file is read as tensors and plain data only (`safe_load`): Coqui's trainer (0.28) saves its
+    config as a dict, the date as a string, counters as ints and optimizer/scheduler/scaler states as
+    plain state dicts, all of which load that way; anything needing more raises UnsafeCheckpointError
+    instead of running the file's code on every worker.
     """
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    source = state.get("model", state)
+    state = safe_load(checkpoint_path)
+    source = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(source, dict) or not all(isinstance(t, torch.Tensor) for t in source.values()):
+        raise ValueError(f"{checkpoint_path}: not a Coqui checkpoint (no state dict of tensors under 'model')")
     report = WarmStartReport(global_step=int(state.get("step", state.get("global_step", 0)) or 0),
                              epoch=int(state.get("epoch", 0) or 0))
     old_symbols = None
@@ -194,6 +202,7 @@ def export_coqui(model: "Vits", config: Config, vocab: "Vocabulary", out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     vits_config = coqui_config(config, vocab)
     state = {"model": model.state_dict(), "config": vits_config.to_dict(), "step": step, "model_type": "vits"}
+    check_plain(state, "export")  # Coqui and our warm start read it with weights_only=True
     tmp = out_dir / "model.pth.tmp"
     torch.save(state, tmp)
     tmp.replace(out_dir / "model.pth")
