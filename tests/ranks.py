@@ -27,6 +27,7 @@ class DirectorySession:
     def __init__(self, root: Path, rank: int):
         self.root, self.rank = Path(root), rank
         self.reports: list[dict[str, Any]] = []
+        self.skipped: list[str] = []
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:

@@ -448,3 +448,28 @@ def test_temporary_shard_cache_is_removed_on_close(s3_uri):
     folder = dropped.cache_dir
     del dropped
     assert not os.path.exists(folder)
+
+
+def test_ray_filesystem_rides_out_an_outage_and_pickles_without_keys(s3_uri):
+    """Ray Train's controller writes its own files through this filesystem; a write that met an
+    outage would end the run (controller errors are never retried)."""
+    store = open_store(s3_uri, StorageConfig(retry_seconds=20, **FAST_RETRY))
+    filesystem, base = store.ray_filesystem()
+    filesystem = pickle.loads(pickle.dumps(filesystem))  # as Ray ships it to its controller
+    path = f"{base}/ray/snapshot.json"
+    with ThreadPoolExecutor(2) as pool:
+        with s3_outage():
+            def write() -> None:
+                with filesystem.open_output_stream(path) as stream:
+                    stream.write(b'{"checkpoints": 3}')
+            writing = pool.submit(write)
+            listing = pool.submit(lambda: filesystem.get_file_info(pa.fs.FileSelector(base, recursive=True)))
+            time.sleep(2.0)
+            assert not writing.done() and not listing.done()
+        writing.result(timeout=30)
+        listing.result(timeout=30)
+    assert store.read_bytes("ray/snapshot.json") == b'{"checkpoints": 3}'
+    with filesystem.open_input_stream(path) as stream:
+        assert stream.read() == b'{"checkpoints": 3}'
+    assert filesystem.get_file_info(path).size == len(b'{"checkpoints": 3}')
+    assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in pickle.dumps(filesystem)

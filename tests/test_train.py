@@ -42,7 +42,9 @@ def run_events(run_dir: Path) -> list[dict]:
 
 def final_state(run_dir: Path) -> dict:
     latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
-    return torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
+    from vits_ray.checkpoint import read as read_checkpoint
+
+    return read_checkpoint(latest)  # verifies the digest of every checkpoint the tests write
 
 
 def test_one_worker_trains_logs_checkpoints_and_exports(prepared_demo, ray_local, tmp_path):
@@ -296,7 +298,7 @@ def test_local_mode_trains_the_same_weights_as_ray_and_resumes(prepared_demo, ra
     overrides = ["train.save_step=2", "train.keep_last=1"]
     run_training(job(prepared_demo, tmp_path, "on-ray", max_steps=4, overrides=overrides))
     run_training(job(prepared_demo, tmp_path, "local", max_steps=2, overrides=overrides), local=True)
-    # an interrupted checkpoint upload (no state.pt yet) is not taken for a checkpoint
+    # an interrupted checkpoint upload (no digest.json yet) is not taken for a checkpoint, and is removed
     (tmp_path / "local" / "checkpoint_00000003").mkdir()
     (tmp_path / "local" / "checkpoint_00000003" / "config.toml").write_text("torn")
     outcome = run_training(job(prepared_demo, tmp_path, "local", max_steps=4, overrides=overrides), local=True)
@@ -305,8 +307,8 @@ def test_local_mode_trains_the_same_weights_as_ray_and_resumes(prepared_demo, ra
     for name, tensor in on_ray["model"].items():
         assert torch.equal(tensor, local["model"][name]), name
     assert [r["step"] for r in records(tmp_path / "local", "step")] == [1, 2, 3, 4]
-    kept = sorted(p.name for p in (tmp_path / "local").glob("checkpoint_*") if (p / "state.pt").exists())
-    assert kept == ["checkpoint_00000004"]  # keep_last=1
+    kept = sorted(p.name for p in (tmp_path / "local").glob("checkpoint_*"))
+    assert kept == ["checkpoint_00000004"]  # keep_last=1, and the torn folder is gone
     assert (tmp_path / "local" / "export" / "model.pth").exists()
     with pytest.raises(TrainSetupError, match="--local runs one worker"):
         run_training(job(prepared_demo, tmp_path, "local2", workers=2), local=True)

@@ -126,21 +126,23 @@ def build_job(config_path, overrides, data, storage, name, workers, gpu, max_ste
 @click.option("--gpu/--cpu", default=False, show_default=True, help="Train on GPUs or CPUs.")
 @click.option("--max-steps", default=0, show_default=True, help="Stop at this global step (0: train.epochs).")
 @click.option("--init-from", default=None, help="Coqui checkpoint folder (model.pth + config.json) to warm start from.")
-@click.option("--drill", "drills", multiple=True, metavar="nan@STEP|spike@STEP",
-              help="Rehearse the stability guard: poison a batch or spike the learning rate.")
+@click.option("--drill", "drills", multiple=True, metavar="nan@STEP|spike@STEP|blowup@STEP",
+              help="Rehearse the stability guard: poison a batch, spike the learning rate, or blow up "
+                   "the weights so that the next forward pass raises.")
 @click.option("--cpus-per-worker", default=1, show_default=True, help="CPU cores (and torch threads) per worker.")
 @click.option("--local", is_flag=True,
               help="One worker in this process, without Ray (a laptop or one GPU; starts ~10 s sooner).")
 def train(config_path, overrides, data, storage, name, workers, gpu, max_steps, init_from, drills,
           cpus_per_worker, local) -> None:
     """Train Coqui's VITS with Ray Train (or in this process with --local); resume if the run exists."""
+    from vits_ray.recovery import RunAbortedError
     from vits_ray.train import TrainSetupError, run_training
 
     job = build_job(config_path, overrides, data, storage, name, workers, gpu, max_steps, init_from, drills,
                     cpus_per_worker)
     try:
         outcome = run_training(job, local=local)
-    except TrainSetupError as err:
+    except (TrainSetupError, RunAbortedError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"run: {outcome.run_uri} (step {outcome.step})\nexport: {outcome.export_uri}")
 

@@ -221,7 +221,8 @@ class StorageConfig:
     # this long before an operation fails; 0 disables retries. Missing keys and denied access fail at once.
     retry_seconds: float = 300.0
     retry_initial_seconds: float = 0.5
-    retry_max_backoff_seconds: float = 30.0
+    # The cap on one wait: a run notices within about this long that storage is back.
+    retry_max_backoff_seconds: float = 10.0
 
     def validate(self, prefix: str) -> None:
         if self.endpoint_url:

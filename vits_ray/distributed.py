@@ -22,6 +22,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from vits_ray.errors import NonRetryable
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -146,18 +148,20 @@ class GradientSync:
         self._work.append((b, dist.all_reduce(wire, op=dist.ReduceOp.SUM, async_op=True), wire))
         self._next_launch += 1
 
-    def finish(self) -> None:
-        """After backward: launch what is left (missing gradients as zeros) and wait. Every
-        parameter's gradient is then the average over ranks, held in its bucket."""
+    def finish(self, missing: float = 0.0) -> None:
+        """After backward: launch what is left and wait. Every parameter's gradient is then the
+        average over ranks, held in its bucket. A gradient this rank did not produce counts as
+        `missing`: zero for a parameter the loss did not reach, NaN after a failed backward (so
+        that every rank's average is NaN and every rank skips the update)."""
         if self.comm.world_size == 1:
             return  # nothing to average; the step fills missing gradients itself
         for b in range(self._next_launch, len(self.buckets)):
             bucket = self.buckets[b]
             for i, p in enumerate(bucket["params"]):
-                if i not in self._filled[b]:  # no gradient on this rank: contribute zeros
+                if i not in self._filled[b]:  # no gradient on this rank
                     _, _, offset = self._where[id(p)]
                     view = bucket["buffer"][offset: offset + p.numel()].view_as(p)
-                    view.zero_()
+                    view.fill_(missing)
                     p.grad = view
             self._launch(b)
         started = time.perf_counter()
@@ -181,7 +185,7 @@ def state_checksum(model_state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-class ParametersDivergedError(RuntimeError):
+class ParametersDivergedError(NonRetryable, RuntimeError):
     pass
 
 

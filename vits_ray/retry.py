@@ -28,7 +28,7 @@ class RetryPolicy:
 
     seconds: float = 300.0
     initial_seconds: float = 0.5
-    max_backoff_seconds: float = 30.0
+    max_backoff_seconds: float = 10.0
 
     @classmethod
     def from_config(cls, cfg) -> "RetryPolicy":

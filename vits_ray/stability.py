@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 
 from vits_ray.config import StabilityConfig
+from vits_ray.errors import NonRetryable
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed data.
 MAD_TO_SIGMA = 1.4826
@@ -56,7 +57,7 @@ PROBATION_FRACTION = 0.5
 # a shorter window fills sooner, and two epochs in a row above the band are strong evidence.
 PER_EPOCH_OVERRIDES: dict[str, Any] = {"window": 30, "min_history": 10, "confirm_steps": 2}
 
-EventKind = Literal["nonfinite", "spike", "amp_collapse", "rollback", "lr_backoff",
+EventKind = Literal["nonfinite", "spike", "amp_collapse", "blowup", "rollback", "lr_backoff",
                     "cadence_unstable", "cadence_calm"]
 
 
@@ -65,7 +66,7 @@ def per_epoch_config(cfg: StabilityConfig | None = None) -> StabilityConfig:
     return dataclasses.replace(cfg or StabilityConfig(), **PER_EPOCH_OVERRIDES)
 
 
-class TooManyRollbacksError(RuntimeError):
+class TooManyRollbacksError(NonRetryable, RuntimeError):
     """Training keeps diverging after rollbacks; continuing would only burn compute."""
 
 
@@ -387,6 +388,8 @@ class StabilityGuard:
       event; the step feeds no detector. `max_consecutive_nonfinite` in a row -> rollback.
     - Confirmed spike in loss_1, loss_mel or loss_kl: a `spike` event per series -> rollback.
     - AMP scale collapse: an `amp_collapse` event -> rollback.
+    - A step whose forward or backward raised with non-finite values behind it (`failed` ranks,
+      see `blowup`): a `blowup` event -> rollback, like a confirmed spike.
     - A rollback decision carries a `rollback` event naming its reasons.
     - Cadence turns unstable on spike, amp_collapse, rollback and on non-finite *losses*; a
       non-finite grad norm alone is the GradScaler's routine overflow and does not.
@@ -426,6 +429,9 @@ class StabilityGuard:
             return Decision("continue", events)
 
         reasons: list[str] = []
+        if metrics.get("failed"):
+            events.append(Event(step, "blowup", detail={"where": "training step", "ranks": int(metrics["failed"])}))
+            reasons.append("blowup")
         if nonfinite is not None and self._nonfinite_run >= self.cfg.max_consecutive_nonfinite:
             reasons.append("nonfinite")
         if nonfinite is None:
@@ -451,6 +457,16 @@ class StabilityGuard:
         elif self.cadence.advance(step):
             events.append(Event(step, "cadence_calm"))
         return Decision("rollback" if reasons else "continue", events)
+
+    def blowup(self, step: int, where: str, ranks: int) -> Decision:
+        """A forward pass raised on `ranks` rank(s) with non-finite values behind it (outside a
+        training step, e.g. in validation): handled as a confirmed spike."""
+        events, self._pending = self._pending, []
+        events.append(Event(step, "blowup", detail={"where": where, "ranks": ranks}))
+        events.append(Event(step, "rollback", detail={"reasons": ["blowup"], "rollbacks_so_far": self.budget.total}))
+        if self.cadence.mark_unstable(step):
+            events.append(Event(step, "cadence_unstable"))
+        return Decision("rollback", events)
 
     def after_rollback(self, step: int, restored_step: int) -> float:
         """Record a rollback decided at `step` that restored `restored_step`.

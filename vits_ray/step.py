@@ -48,16 +48,19 @@ class Precision:
 
 
 # The values one step leaves on the device, packed in this order (`StepResult.values`).
+# `failed` is 1 on a rank whose forward or backward raised (see `gan_step`).
 STEP_VALUE_KEYS = ("loss_0", "loss_1", "loss_disc") + GEN_LOSS_KEYS + (
-    "grad_norm_0", "grad_norm_1", "skipped_0", "skipped_1", "amp_scale")
+    "grad_norm_0", "grad_norm_1", "skipped_0", "skipped_1", "amp_scale", "failed")
 
 
 @dataclass
 class StepResult:
     """One step's numbers as a single device tensor (STEP_VALUE_KEYS): reading it is a host sync,
-    so the loop collects many and reads them together."""
+    so the loop collects many and reads them together. `error`: what the forward or backward
+    raised on this rank (the step was then skipped on every rank), for the loop to judge."""
 
     values: torch.Tensor
+    error: Exception | None = None
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(STEP_VALUE_KEYS, self.values.tolist()))
@@ -67,10 +70,10 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramet
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _fill_missing_grads(params: Sequence[torch.nn.Parameter]) -> None:
+def _fill_missing_grads(params: Sequence[torch.nn.Parameter], value: float = 0.0) -> None:
     for p in params:
         if p.grad is None:
-            p.grad = torch.zeros_like(p)
+            p.grad = torch.full_like(p, value)
 
 
 def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -78,23 +81,49 @@ def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
-def _optimize(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+class _Failures:
+    """The first exception of a step's forward and backward passes. Once one raised, the rest of
+    the step's computation is skipped, but not its collectives: the other ranks are waiting in them."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def run(self, compute):
+        if self.error is not None:
+            return None
+        try:
+            return compute()
+        except Exception as err:  # judged by the loop: a blow-up is instability, anything else a bug
+            self.error = err
+            return None
+
+
+def _optimize(loss: torch.Tensor | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler | None, grad_clip: float,
-              grad_sync: GradientSync | None) -> tuple[torch.Tensor, torch.Tensor]:
+              grad_sync: GradientSync | None, failures: _Failures) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward (overlapped with the gradient all-reduce), unscale, clip and step one optimizer.
 
     Returns (grad norm, skipped) as device tensors. The skip decision comes from the norm of the
     averaged gradients, which is identical on every rank, so every rank skips or steps together.
+    A rank whose forward or backward failed contributes NaN gradients: every rank's averaged norm
+    is then NaN, every rank skips this update (and its GradScaler backs off alike), and the
+    collectives stay in step.
     """
     # Zero the whole model, not only this optimizer's parameters: the generator's backward also
     # fills the discriminator's gradients (feature matching), and those must not leak into the
     # next discriminator step.
     model.zero_grad(set_to_none=True)
     params = _optimizer_params(optimizer)
+    # Entered even without a loss: it resets the sync for this step, whose collectives still run.
     with grad_sync.overlapping() if grad_sync is not None else nullcontext():
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if loss is not None:
+            failures.run(lambda: (scaler.scale(loss) if scaler is not None else loss).backward())
+    failed = failures.error is not None
     if grad_sync is not None:
-        grad_sync.finish()
+        grad_sync.finish(missing=float("nan") if failed else 0.0)
+    elif failed:
+        for p in params:
+            p.grad = torch.full_like(p, float("nan"))
     _fill_missing_grads(params)  # one worker, as many: a missing gradient is zero (after a sync, none is)
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -121,18 +150,22 @@ def gan_step(model, criteria: Sequence[torch.nn.Module], optimizers: Sequence[to
 
     `model` is the bare Coqui `Vits` (not a DDP wrapper: gradients are averaged by `grad_syncs`,
     one per optimizer). Nothing here waits for the device, except GradScaler's own inf check for
-    optimizers without a fused kernel.
+    optimizers without a fused kernel. An exception from a forward or backward pass does not
+    escape: the step is skipped on every rank and the exception comes back in the result.
     """
     model.train()
-    with precision.autocast():
-        _, disc_losses = model.train_step(batch, criteria[0], 0)
-    grad_norm_0, skipped_0 = _optimize(disc_losses["loss"], model, optimizers[0], scaler, grad_clip[0],
-                                       grad_syncs[0])
+    failures = _Failures()
 
-    with precision.autocast():
-        _, gen_losses = model.train_step(batch, criteria[1], 1)
-    gen_loss = gen_losses["loss"]
-    grad_norm_1, skipped_1 = _optimize(gen_loss, model, optimizers[1], scaler, grad_clip[1], grad_syncs[1])
+    def losses(index: int) -> dict | None:
+        with precision.autocast():
+            return failures.run(lambda: model.train_step(batch, criteria[index], index)[1])
+
+    disc_losses = losses(0)
+    grad_norm_0, skipped_0 = _optimize(disc_losses["loss"] if disc_losses else None, model, optimizers[0],
+                                       scaler, grad_clip[0], grad_syncs[0], failures)
+    gen_losses = losses(1)
+    grad_norm_1, skipped_1 = _optimize(gen_losses["loss"] if gen_losses else None, model, optimizers[1],
+                                       scaler, grad_clip[1], grad_syncs[1], failures)
     if scaler is not None:
         scale = scaler._get_scale_async().detach().clone()  # the scale this step used; get_scale() syncs
         scaler.update()
@@ -140,10 +173,17 @@ def gan_step(model, criteria: Sequence[torch.nn.Module], optimizers: Sequence[to
         scale = torch.ones((), device=grad_norm_0.device)
     model.model_outputs_cache = None  # free the generator activations before the next batch
 
-    parts = [disc_losses["loss"], gen_loss, disc_losses["loss_disc"]] + [gen_losses[k] for k in GEN_LOSS_KEYS]
-    parts += [grad_norm_0, grad_norm_1, skipped_0, skipped_1, scale]
+    nan = torch.full((), float("nan"), device=grad_norm_0.device)
+    if failures.error is not None:
+        disc_losses = gen_losses = None
+    disc = disc_losses or {}
+    gen = gen_losses or {}
+    parts = [disc.get("loss", nan), gen.get("loss", nan), disc.get("loss_disc", nan)]
+    parts += [gen.get(k, nan) for k in GEN_LOSS_KEYS]
+    parts += [grad_norm_0, grad_norm_1, skipped_0, skipped_1, scale,
+              torch.full((), float(failures.error is not None), device=grad_norm_0.device)]
     values = torch.stack([p.detach().float().reshape(()) for p in parts])
-    return StepResult(values)
+    return StepResult(values, failures.error)
 
 
 VAL_KEYS = ("val_loss_1",) + tuple(f"val_{key}" for key in GEN_LOSS_KEYS)

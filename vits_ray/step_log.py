@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from vits_ray.distributed import Collectives
+from vits_ray.errors import NonRetryable
 from vits_ray.step import STEP_VALUE_KEYS
 
 # Host-side per-rank counts that are summed (not averaged) over ranks.
@@ -21,7 +22,7 @@ SUMMED_KEYS = ("batch_size", "audio_seconds", "utterances", "wrapped_utterances"
 SKIP_KEYS = ("skipped_0", "skipped_1")
 
 
-class SkipDisagreementError(RuntimeError):
+class SkipDisagreementError(NonRetryable, RuntimeError):
     """Ranks took different skip decisions at a step: their parameters are about to differ."""
 
 
@@ -59,6 +60,8 @@ class PendingSteps:
                             f"step {host['step']}: {int(total)} of {world} ranks skipped the "
                             f"{'discriminator' if key == 'skipped_0' else 'generator'} update")
                     record[key] = int(total > 0)
+                elif key == "failed":
+                    record[key] = int(round(total))  # ranks whose forward or backward raised
                 else:
                     record[key] = total / world
             record.update({k: (int(v) if k != "audio_seconds" else v) for k, v in summed.items()})

@@ -144,6 +144,11 @@ class Store:
     def arrow_filesystem(self) -> tuple[pafs.FileSystem, str]:
         raise NotImplementedError
 
+    def ray_filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """The filesystem for Ray Train's `RunConfig`: its controller writes through it (see
+        `arrow_retry`), so on an object store its calls get this store's retry window."""
+        return self.arrow_filesystem()
+
     def check(self) -> None:
         raise NotImplementedError
 
@@ -484,6 +489,12 @@ class S3Store(Store):
             # Nothing to sign with: read public buckets anonymously rather than fail in the SDK's chain.
             kwargs.update(anonymous=True)
         return pafs.S3FileSystem(**kwargs), _join(self.bucket, self.prefix)
+
+    def ray_filesystem(self) -> tuple[pafs.FileSystem, str]:
+        from vits_ray.arrow_retry import retrying_filesystem
+
+        filesystem, base = self.arrow_filesystem()
+        return retrying_filesystem(filesystem, RetryPolicy.from_config(self.cfg), self.uri), base
 
     def check(self) -> None:
         # A preflight (job submission) is not retried: it should say at once what is wrong.

@@ -7,6 +7,7 @@ relaunch (`RaySession`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from contextlib import contextmanager
@@ -14,19 +15,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from vits_ray.checkpoint import STATE_FILE
 from vits_ray.config import Config, config_from_dict
+from vits_ray.errors import NonRetryable
 from vits_ray.init_checkpoint import init_checkpoint_location
+from vits_ray.run_checkpoints import RunCheckpoints
 from vits_ray.trainer import say
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(NonRetryable, ValueError):
     """Something is wrong before any worker starts: config, data, storage or warm-start input."""
+
+
+DRILL_KINDS = ("nan", "spike", "blowup")
+PREFLIGHT_RETRY_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
 class Drill:
-    """An operator's rehearsal of the stability guard: `nan@STEP` or `spike@STEP`."""
+    """An operator's rehearsal of the stability guard: a NaN batch (`nan@STEP`), a learning-rate
+    spike (`spike@STEP`), or weights blown up by step STEP's update so that the next forward pass
+    (validation, or the next step) raises (`blowup@STEP`)."""
 
     kind: str
     step: int
@@ -34,8 +42,8 @@ class Drill:
     @staticmethod
     def parse(text: str) -> "Drill":
         kind, _, at = text.partition("@")
-        if kind not in ("nan", "spike") or not at.isdigit() or int(at) < 1:
-            raise TrainSetupError(f"--drill {text!r}: expected nan@STEP or spike@STEP with STEP >= 1")
+        if kind not in DRILL_KINDS or not at.isdigit() or int(at) < 1:
+            raise TrainSetupError(f"--drill {text!r}: expected nan@STEP, spike@STEP or blowup@STEP with STEP >= 1")
         return Drill(kind, int(at))
 
 
@@ -71,58 +79,53 @@ class TrainJob:
 
 # --- the worker ---------------------------------------------------------------------------
 
-class RaySession:
-    """Ray Train persists checkpoints under STORAGE/NAME and hands the latest back on relaunch."""
+class _StorageSession:
+    """Checkpoints under STORAGE/NAME through `RunCheckpoints`: resume from the newest that verifies
+    (`skipped` then says what was passed over), keep the last `keep_last`."""
+
+    def __init__(self, run_store, keep_last: int):
+        self.checkpoints = RunCheckpoints(run_store, keep_last)
+        self.skipped: list[str] = []
 
     @contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        import ray.train
+        with self.checkpoints.newest_valid() as found:
+            self.skipped = found.skipped
+            yield found.directory
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+
+class RaySession(_StorageSession):
+    """Ray Train registers each checkpoint (a report is a barrier on all ranks); the upload itself
+    goes through our store, whose retries ride out a storage outage (Ray's own upload has none)."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-
-
-class LocalSession:
-    """Checkpoints for a run without Ray: the same `checkpoint_XXXXXXXX/` folders under STORAGE/NAME,
-    the last `keep_last` kept. A local run resumes from the newest folder that has its state file,
-    whichever mode wrote it."""
-
-    def __init__(self, run_store, keep_last: int):
-        self.run_store, self.keep_last = run_store, keep_last
-
-    def _checkpoints(self) -> list[str]:
-        # state.pt is uploaded last, so a folder without it is an interrupted upload, not a checkpoint.
-        return sorted({key.split("/")[0] for key in self.run_store.list()
-                       if key.startswith("checkpoint_") and key.endswith("/" + STATE_FILE)})
-
-    @contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        found = self._checkpoints()
-        if not found:
-            yield None
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="vits-ray-resume-") as tmp:
-            self.run_store.download_dir(found[-1], tmp)
-            yield Path(tmp)
+        # Only rank 0 hands a checkpoint over (Trainer.save), so only rank 0 uploads and prunes.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                         checkpoint_dir_name=name, checkpoint_upload_fn=self._upload)
+        self.checkpoints.prune()
+
+    def _upload(self, checkpoint, name: str):
+        import ray.train
+
+        self.checkpoints.upload(Path(checkpoint.path), name)
+        # Ray Train's own filesystem and path, so that it sees the checkpoint as one of the run's.
+        storage = ray.train.get_context().get_storage()
+        return ray.train.Checkpoint(path=f"{storage.experiment_fs_path}/{name}", filesystem=storage.storage_filesystem)
+
+
+class LocalSession(_StorageSession):
+    """A run without Ray: the same `checkpoint_XXXXXXXX/` folders, so either mode resumes the other's."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
         if checkpoint_dir is None:
             return
-        files = sorted(p.name for p in checkpoint_dir.iterdir() if p.name != STATE_FILE) + [STATE_FILE]
-        for file in files:
-            self.run_store.upload_file(checkpoint_dir / file, f"{name}/{file}")
-        for old in self._checkpoints()[: -self.keep_last]:
-            self.run_store.delete_prefix(old)
+        self.checkpoints.upload(checkpoint_dir, name)
+        self.checkpoints.prune()
 
 
 def run_local(job: TrainJob) -> TrainOutcome:
@@ -143,11 +146,9 @@ def run_local(job: TrainJob) -> TrainOutcome:
         torch.set_num_threads(max(1, job.cpus_per_worker))
     run_store = open_store(job.storage_uri, cfg.storage).child(job.name)
     trainer = Trainer(job, 0, 1, device, LocalSession(run_store, cfg.train.keep_last))
-    try:
+    with closing_after(trainer):
         trainer.run()
         _export_final(trainer)
-    finally:
-        trainer.close()
     return TrainOutcome(run_uri=run_store.uri, step=trainer.progress.step, export_uri=run_store.url("export"))
 
 
@@ -157,6 +158,7 @@ def train_worker(job_dict: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from vits_ray.storage import open_store
     from vits_ray.trainer import Trainer
 
     job = TrainJob.from_dict(job_dict)
@@ -164,13 +166,29 @@ def train_worker(job_dict: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     if not job.use_gpu:
         torch.set_num_threads(max(1, job.cpus_per_worker))
-    trainer = Trainer(job, context.get_world_rank(), context.get_world_size(), device, RaySession())
-    try:
+    cfg = job.resolved_config()
+    run_store = open_store(job.storage_uri, cfg.storage).child(job.name)
+    trainer = Trainer(job, context.get_world_rank(), context.get_world_size(), device,
+                      RaySession(run_store, cfg.train.keep_last))
+    with closing_after(trainer):
         trainer.run()
         if trainer.rank == 0:
             _export_final(trainer)
-    finally:
-        trainer.close()  # a failed run still leaves its records (what led up to the failure)
+
+
+@contextmanager
+def closing_after(trainer) -> Iterator[None]:
+    """Close the trainer however the run ends: a failed run still leaves its records (what led up
+    to the failure). If closing fails too, the run's own error is the one raised."""
+    try:
+        yield
+    except BaseException:
+        try:
+            trainer.close()
+        except Exception as err:  # e.g. records that cannot be written during the outage that failed the run
+            say(f"[vits-ray] closing after the failure also failed: {type(err).__name__}: {err}")
+        raise
+    trainer.close()
 
 
 def _export_final(trainer) -> None:
@@ -204,21 +222,24 @@ def preflight(job: TrainJob) -> dict[str, Any]:
         raise TrainSetupError(f"--workers must be >= 1, got {job.workers}")
     if not job.name or "/" in job.name:
         raise TrainSetupError(f"--name {job.name!r}: must be a non-empty name without '/'")
+    # A job submitted against a dead endpoint should say so in seconds, not after the training
+    # loop's retry window (minutes: right for a run in progress, not for a typo at submission).
+    quick = dataclasses.replace(cfg.storage, retry_seconds=min(cfg.storage.retry_seconds, PREFLIGHT_RETRY_SECONDS))
     try:
-        manifest = read_manifest(open_store(job.data_uri, cfg.storage))
+        manifest = read_manifest(open_store(job.data_uri, quick))
     except (StorageError, ValueError, OSError) as err:
         raise TrainSetupError(f"cannot read the data at {job.data_uri}: {err}") from err
     if manifest.get("sample_rate") != cfg.audio.sample_rate:
         raise TrainSetupError(f"{job.data_uri}: prepared at {manifest.get('sample_rate')} Hz but "
                               f"audio.sample_rate is {cfg.audio.sample_rate}")
-    _check_batches_per_epoch(job, cfg, manifest)
+    _check_batches_per_epoch(job, cfg, manifest, quick)
     try:
-        open_store(job.storage_uri, cfg.storage).check()
+        open_store(job.storage_uri, quick).check()
     except StorageError as err:
         raise TrainSetupError(f"storage {job.storage_uri} is not usable: {err}") from err
     if job.init_from:
         try:  # existence only: the driver need not download a large checkpoint
-            store, name = init_checkpoint_location(job.init_from, cfg.storage)
+            store, name = init_checkpoint_location(job.init_from, quick)
             found = store.exists(name)
         except (StorageError, OSError, ValueError) as err:
             raise TrainSetupError(f"--init-from {job.init_from}: {err}") from err
@@ -228,18 +249,20 @@ def preflight(job: TrainJob) -> dict[str, Any]:
     return manifest
 
 
-def _check_batches_per_epoch(job: TrainJob, cfg: Config, manifest: dict[str, Any]) -> None:
+def _check_batches_per_epoch(job: TrainJob, cfg: Config, manifest: dict[str, Any], quick) -> None:
     """Every worker needs at least one batch of its own per epoch (a cheap column read)."""
     from vits_ray.data.reader import ShardReader
     from vits_ray.storage import open_store
 
+    reader = ShardReader(open_store(job.data_uri, quick), manifest, "train", 0, job.workers,
+                         seed=cfg.train.seed, batch_size=cfg.train.batch_size,
+                         max_batch_seconds=cfg.train.max_batch_seconds, pad_id=0)
     try:
-        reader = ShardReader(open_store(job.data_uri, cfg.storage), manifest, "train", 0, job.workers,
-                             seed=cfg.train.seed, batch_size=cfg.train.batch_size,
-                             max_batch_seconds=cfg.train.max_batch_seconds, pad_id=0)
         reader.batches_per_epoch(0)
     except ValueError as err:
         raise TrainSetupError(f"{job.data_uri}: {err}") from err
+    finally:
+        reader.close()
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -264,22 +287,18 @@ class TrainOutcome:
     export_uri: str
 
 
-def run_training(job: TrainJob, local: bool = False) -> TrainOutcome:
-    """Check everything, then train (on Ray, or in this process with `local`); returns where the
-    run and its export live."""
+def build_trainer(job: TrainJob):
+    """Ray Train's TorchTrainer for `job` (what Ray pickles and ships to its controller and workers:
+    no credentials in it, the S3 filesystem resolves them on each node)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from vits_ray.recovery import StopOnNonRetryable, failure_config
     from vits_ray.storage import open_store
 
-    preflight(job)
-    if local:
-        return run_local(job)
     cfg = job.resolved_config()
-    ensure_ray()
-    storage = open_store(job.storage_uri, cfg.storage)
-    filesystem, base = storage.arrow_filesystem()
-    trainer = TorchTrainer(
+    filesystem, base = open_store(job.storage_uri, cfg.storage).ray_filesystem()
+    return TorchTrainer(
         train_worker,
         train_loop_config=job.to_dict(),
         # NCCL for the tensors on the GPUs, gloo beside it for the pickled objects of checkpoints.
@@ -289,12 +308,34 @@ def run_training(job: TrainJob, local: bool = False) -> TrainOutcome:
             resources_per_worker=None if job.use_gpu else {"CPU": job.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=job.name, storage_path=base, storage_filesystem=filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            # The sessions prune (only verified checkpoints count towards train.keep_last).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            failure_config=failure_config(cfg.train.max_failures),
+            callbacks=[StopOnNonRetryable()],
             # Our own progress line says what matters each step; Ray's per-report INFO lines drown it.
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
-    result = trainer.fit()
+
+
+def run_training(job: TrainJob, local: bool = False) -> TrainOutcome:
+    """Check everything, then train (on Ray, or in this process with `local`); returns where the
+    run and its export live. A worker error restarts the workers from the latest checkpoint up to
+    `train.max_failures` times; one a restart cannot fix ends the run with `RunAbortedError`."""
+    from vits_ray.recovery import unwrap_failure
+    from vits_ray.storage import open_store
+
+    preflight(job)
+    if local:
+        return run_local(job)
+    ensure_ray()
+    trainer = build_trainer(job)
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray's TrainingFailedError family; ours when a worker's was not retried
+        cause = unwrap_failure(err)
+        if cause is err:
+            raise
+        raise cause from None
     step = int((result.metrics or {}).get("step", 0))
-    run = storage.child(job.name)
+    run = open_store(job.storage_uri, job.resolved_config().storage).child(job.name)
     return TrainOutcome(run_uri=run.uri, step=step, export_uri=run.url("export"))

@@ -29,6 +29,7 @@ import torch
 from vits_ray import checkpoint as ckpt_io
 from vits_ray.config import Config, load_config, resume_conflicts
 from vits_ray.distributed import Collectives, GradientSync, check_checksums, state_checksum
+from vits_ray.errors import NonRetryable
 from vits_ray.schedule import learning_rates
 from vits_ray.step import VAL_KEYS, Precision, eval_step, gan_step
 from vits_ray.step_log import PendingSteps
@@ -40,9 +41,12 @@ EPOCH_SUMS = ("utterances", "wrapped_utterances", "audio_seconds")
 # A spike drill multiplies both learning rates by this for SPIKE_DRILL_STEPS steps.
 SPIKE_DRILL_FACTOR = 300.0
 SPIKE_DRILL_STEPS = 3
+# The blow-up drill multiplies a duration predictor weight by this: finite, but its activations
+# overflow and Coqui's spline raises instead of returning a loss.
+BLOWUP_DRILL_FACTOR = 1e30
 
 
-class ResumeConfigError(ValueError):
+class ResumeConfigError(NonRetryable, ValueError):
     """A relaunch changed settings that a resumed run may not change."""
 
 
@@ -50,6 +54,9 @@ class Session(Protocol):
     """Where checkpoints go and come back from (Ray Train in production)."""
 
     def latest_checkpoint(self) -> AbstractContextManager[Path | None]: ...
+
+    # After `latest_checkpoint`: newer folders passed over as incomplete or corrupt, "name: why".
+    skipped: list[str]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None: ...
 
@@ -135,6 +142,7 @@ class Trainer:
         self.logger = RunLogger(self.run_store, self.progress.step if resumed else None) if rank == 0 else NullLogger()
         if rank == 0:
             self._announce(resumed)
+            self._report_skipped_checkpoints()
         self.reader, self.val_reader = self._build_readers()
         self.max_steps = job.max_steps or cfg.train.max_steps
         self.drills = {d.step: d.kind for d in job.drills}
@@ -160,6 +168,17 @@ class Trainer:
         say(f"[vits-ray] {self.job.name}: {'resuming at step ' + str(self.progress.step) if resumed else 'starting'}"
             f" on {self.world_size} worker(s), {self.device.type}, precision {self.precision.dtype or 'fp32'}")
 
+    def _report_skipped_checkpoints(self) -> None:
+        """Newer checkpoints that did not verify were passed over (removed at the next save): say
+        which, and why."""
+        skipped = self.session.skipped
+        if not skipped:
+            return
+        say(f"[vits-ray] skipped {len(skipped)} checkpoint folder(s) that did not verify; resuming from "
+            f"{'step ' + str(self.progress.step) if self.progress.step else 'the start'}: " + "; ".join(skipped))
+        self.logger.event({"step": self.progress.step, "kind": "checkpoint_skipped",
+                           "detail": {"skipped": skipped, "resumed_step": self.progress.step}})
+
     def _build_readers(self):
         """This rank's train reader, and its share of the val split (None without one)."""
         from vits_ray.data.reader import ShardReader
@@ -168,7 +187,7 @@ class Trainer:
         common = dict(seed=cfg.train.seed, batch_size=cfg.train.batch_size,
                       max_batch_seconds=cfg.train.max_batch_seconds,
                       pad_id=int(self.model.tokenizer.characters.pad_id), cache_dir=cfg.data.cache_dir,
-                      pin_memory=self.device.type == "cuda")
+                      cache_max_bytes=cfg.data.cache_max_bytes, pin_memory=self.device.type == "cuda")
         train = ShardReader(self.data_store, self.manifest, "train", self.rank, self.world_size,
                             prefetch=cfg.data.prefetch_shards, **common)
         val = None
@@ -285,9 +304,14 @@ class Trainer:
         if drill == "spike":
             self.spike_drill_until = step + SPIKE_DRILL_STEPS
         lr_0, lr_1 = self._set_learning_rates(step)
-        result = gan_step(self.model, self.criteria, self.optimizers, self.scaler, self._on_device(batch),
+        inputs = self._on_device(batch)
+        result = gan_step(self.model, self.criteria, self.optimizers, self.scaler, inputs,
                           self.precision, (self.cfg.optim.grad_clip_disc, self.cfg.optim.grad_clip_gen),
                           self.grad_syncs)
+        if result.error is not None:  # skipped on every rank; a bug raises here, a blow-up goes on
+            self._judge_failure(result.error, step, "training step", lambda: self._generator_forward(inputs))
+        if drill == "blowup":
+            self._blow_up_parameters()
         self.progress.step = step
         self.progress.batch_in_epoch += 1
         counts = {"batch_size": len(batch), "audio_seconds": batch.audio_seconds(self.cfg.audio.sample_rate),
@@ -300,6 +324,28 @@ class Trainer:
             "step": step, "epoch": self.progress.epoch, "lr_0": lr_0, "lr_1": lr_1,
             "step_time": step_time, "loader_time": loader_time})
         return step
+
+    def _judge_failure(self, error: Exception, step: int, where: str, forward) -> None:
+        """Raise `error` unless non-finite values stand behind it (then the guard rolls back)."""
+        from vits_ray.blowup import diagnose_blowup
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            why = diagnose_blowup(self.model, forward) if self.cfg.stability.enabled else None
+        self.model.model_outputs_cache = None
+        if why is None:
+            raise error
+        say(f"[vits-ray] rank {self.rank} step {step}: {where} raised {type(error).__name__} ({error}); "
+            f"found {why}: handled as instability")
+
+    def _generator_forward(self, inputs: dict) -> None:
+        with self.precision.autocast():  # the same arithmetic as the step that raised
+            self.model.train_step(inputs, self.criteria[0], 0)
+
+    def _blow_up_parameters(self) -> None:
+        """The blow-up drill: the update just taken exploded (as an LR spike's can), so that
+        Coqui's own forward raises on the next pass. Same weights on every rank, as a real one."""
+        with torch.no_grad():
+            next(self.model.duration_predictor.parameters()).mul_(BLOWUP_DRILL_FACTOR)
 
     # --- sync points --------------------------------------------------------------------------
 
@@ -323,30 +369,44 @@ class Trainer:
         for record in records:
             self.means.add(record)
             decision = self.guard.observe(record["step"], record)
-            for event in decision.events:
-                self.logger.event(event.to_dict())
-            if decision.rollback:
-                self.rollback(records[-1]["step"], [e.to_dict() for e in decision.events])
+            if self._instability(decision, records[-1]["step"]):
                 return False
         return True
+
+    def _instability(self, decision, step: int) -> bool:
+        """Record the guard's events; roll back if it says so. True after a rollback."""
+        for event in decision.events:
+            self.logger.event(event.to_dict())
+        if decision.rollback:
+            self.rollback(step, [e.to_dict() for e in decision.events])
+        return decision.rollback
 
     def validate(self) -> dict[str, Any] | None:
         """Validation mel loss and friends over the val split, shared across ranks."""
         if self.val_reader is None:
             return None
-        sums = torch.zeros(len(VAL_KEYS) + 1, dtype=torch.float64, device=self.device)
+        # VAL_KEYS sums, then batches, then ranks whose validation blew up.
+        sums = torch.zeros(len(VAL_KEYS) + 2, dtype=torch.float64, device=self.device)
         per_rank = max(1, math.ceil(self.cfg.train.val_batches / self.world_size))
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # validation must not shift training's randomness
             for count, batch in enumerate(self.val_reader.iter_epoch(0)):
                 if count >= per_rank:
                     break
-                sums[:-1] += eval_step(self.model, self.criteria, self._on_device(batch), self.precision).double()
-                sums[-1] += 1
+                inputs = self._on_device(batch)
+                try:
+                    losses = eval_step(self.model, self.criteria, inputs, self.precision)
+                except Exception as err:  # no collective inside: one rank may fail alone
+                    self._judge_failure(err, self.progress.step, "validation",
+                                        lambda: eval_step(self.model, self.criteria, inputs, self.precision))
+                    sums[-1] = 1
+                    break
+                sums[:len(VAL_KEYS)] += losses.double()
+                sums[-2] += 1
         totals = self.comm.all_reduce_sum(sums).cpu().tolist()
-        count = max(totals[-1], 1.0)
-        return {"kind": "val", "step": self.progress.step, "epoch": self.progress.epoch, "batches": int(totals[-1]),
-                **{k: v / count for k, v in zip(VAL_KEYS, totals[:-1])}}
+        count = max(totals[-2], 1.0)
+        return {"kind": "val", "step": self.progress.step, "epoch": self.progress.epoch, "batches": int(totals[-2]),
+                "failed": int(totals[-1]), **{k: v / count for k, v in zip(VAL_KEYS, totals[:len(VAL_KEYS)])}}
 
     def _after_validation(self, val: dict[str, Any]) -> None:
         from vits_ray.model import export_coqui
@@ -383,6 +443,9 @@ class Trainer:
                 return False  # rolled back: the epoch starts again from the restored position
             if step % self.cfg.train.val_step == 0:
                 val = self.validate()
+                if val is not None and val["failed"]:
+                    self._instability(self.guard.blowup(step, "validation", val["failed"]), step)
+                    return False
                 if val is not None:
                     self._after_validation(val)
             if self.guard.should_save(step) or self.finished():
@@ -401,4 +464,11 @@ class Trainer:
         self.progress.batch_in_epoch = 0
 
     def close(self) -> None:
-        self.logger.close()
+        """Records written out, shard caches removed (a SIGKILLed worker leaves its temporary cache:
+        set data.cache_dir to a per-node folder to have relaunches reuse it)."""
+        try:
+            self.logger.close()
+        finally:
+            for reader in (self.reader, self.val_reader):
+                if reader is not None:
+                    reader.close()

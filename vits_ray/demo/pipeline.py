@@ -2,6 +2,8 @@
 
 demo corpus (espeak-ng Bangla) -> `prepare` into shards -> train the tiny model on local Ray
 (two data-parallel workers) -> report. Everything lands under one folder so a user can look at each stage's output.
+Training includes a blow-up drill (the weights explode five eighths of the way in and Coqui's
+forward raises): the run rolls back to its last checkpoint and goes on, and the report shows it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, wo
     from vits_ray.data.ingest import prepare_corpus
     from vits_ray.demo.corpus import write_demo_corpus
     from vits_ray.report import write_report
-    from vits_ray.train import TrainJob, run_training
+    from vits_ray.train import Drill, TrainJob, run_training
 
     out_dir = out_dir.resolve()
     corpus = out_dir / "corpus"
@@ -29,10 +31,11 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, wo
     summary = prepare_corpus(corpus, "ljspeech", str(shards), config, progress=False)
     print(summary.format_text(), flush=True)
 
+    drills = (Drill("blowup", max_steps * 5 // 8),) if max_steps >= 8 else ()
     print(f"[demo] 3/4 train: tiny VITS on local Ray, CPU, {workers} data-parallel workers, {max_steps} steps"
-          f" -> {runs}/demo", flush=True)
+          f"{f', a blow-up drill at step {drills[0].step}' if drills else ''} -> {runs}/demo", flush=True)
     job = TrainJob(config=config.to_dict(), data_uri=str(shards), storage_uri=str(runs), name="demo",
-                   max_steps=max_steps, workers=workers)
+                   max_steps=max_steps, workers=workers, drills=drills)
     outcome = run_training(job)
 
     report_dir = out_dir / "report"

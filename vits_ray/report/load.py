@@ -29,8 +29,8 @@ from typing import Any, Optional
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
 RECORD_KINDS = ("step", "epoch", "val", "checkpoint", "quality")
-EVENT_KINDS = ("nonfinite", "spike", "amp_collapse", "rollback", "lr_backoff", "cadence_unstable",
-               "cadence_calm", "warm_start", "event")
+EVENT_KINDS = ("nonfinite", "spike", "amp_collapse", "blowup", "rollback", "lr_backoff", "cadence_unstable",
+               "cadence_calm", "warm_start", "checkpoint_skipped", "event")
 
 
 class ReportError(ValueError):

@@ -20,7 +20,8 @@ from vits_ray.report.analysis import Analysis, PhaseAnalysis, Series, epoch_of_s
 from vits_ray.report.load import RunData, finite  # noqa: E402
 
 STEP_EVENT_MARKS = {"spike": ("v", "tab:red"), "nonfinite": ("x", "black"), "amp_collapse": ("s", "tab:purple"),
-                    "rollback": ("o", "tab:orange"), "lr_backoff": ("^", "tab:green")}
+                    "rollback": ("o", "tab:orange"), "lr_backoff": ("^", "tab:green"),
+                    "blowup": ("*", "tab:brown")}
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def make_plots(analysis: Analysis, out_dir: Path) -> list[Figure]:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: list[Figure] = []
     phases = {p.name: p for p in analysis.phases}
-    marked = ("spike", "rollback", "nonfinite", "amp_collapse")
+    marked = ("spike", "rollback", "nonfinite", "amp_collapse", "blowup")
 
     for name, fname, title in (("avg_loss_1", "generator_loss.png", "Generator loss (avg_loss_1)"),
                                ("avg_loss_0", "discriminator_loss.png", "Discriminator loss (avg_loss_0)")):
