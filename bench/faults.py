@@ -91,6 +91,9 @@ def drill_kill(shards, root: Path, twin_s: float) -> Row:
     tail = LogTail(_ray_logs())
     run = Background(drill_job(shards, root, "kill"))
     wait_for(lambda: has_checkpoint(run_store, 2 * SAVE_STEP), 300, "the second checkpoint", run)
+    # mid-interval, as a real fault lands: a step or two after the checkpoint
+    wait_for(lambda: max(map(int, STEP_LINE.findall(tail.text())), default=0) > 2 * SAVE_STEP + 1, 300,
+             "two steps past the checkpoint", run)
     killed = time.monotonic()
     kill_training_worker()
     wait_for(lambda: "resuming at step" in tail.text(), 300, "the restart", run)
@@ -106,8 +109,7 @@ def drill_node(shards, root: Path, twin_s: float) -> Row:
     from vits_ray.storage import open_store
 
     with local_cluster(root / "cluster", workers=2) as (info, env, cluster_procs):
-        logs = Path(info["temp_dir"]) / "session_latest" / "logs"
-        tail = LogTail(logs) if logs.exists() else None
+        tail = LogTail(Path(info["temp_dir"]) / "session_latest" / "logs")
         cmd = [sys.executable, "-m", "vits_ray", "train", "--config", "tiny", "--data", str(shards),
                "--storage", str(root / "runs"), "--name", "node", "--max-steps", str(STEPS),
                "--set", "train.batch_size=2", "--set", f"train.save_step={SAVE_STEP}",
@@ -116,7 +118,8 @@ def drill_node(shards, root: Path, twin_s: float) -> Row:
         driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run_store = open_store(str(root / "runs")).child("node")
         wait_for(lambda: has_checkpoint(run_store, SAVE_STEP), 300, "the first checkpoint")
-        tail = tail or LogTail(logs)
+        wait_for(lambda: max(map(int, STEP_LINE.findall(tail.text())), default=0) > SAVE_STEP + 1, 300,
+                 "two steps past the checkpoint")
         ours = {p.pid for p in cluster_procs()}
         stop_node(node_of(next(p for p in training_workers() if p.pid in ours)))
         stopped = time.monotonic()

@@ -62,6 +62,9 @@ class Progress:
     best_val_loss_mel: float = float("inf")
     best_step: int = -1
     guard: dict[str, Any] = field(default_factory=dict)
+    # How unstable the run has been: spikes, rollbacks, nonfinite steps, blowups (kept through
+    # rollbacks: they describe the whole run, e.g. for a sweep's instability-aware score).
+    health: dict[str, int] = field(default_factory=dict)
 
 
 # --- random generators --------------------------------------------------------------------

@@ -287,7 +287,7 @@ class TrainOutcome:
     export_uri: str
 
 
-def build_trainer(job: TrainJob):
+def build_trainer(job: TrainJob, callbacks: tuple = ()):
     """Ray Train's TorchTrainer for `job` (what Ray pickles and ships to its controller and workers:
     no credentials in it, the S3 filesystem resolves them on each node)."""
     import ray.train
@@ -311,7 +311,7 @@ def build_trainer(job: TrainJob):
             # The sessions prune (only verified checkpoints count towards train.keep_last).
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             failure_config=failure_config(cfg.train.max_failures),
-            callbacks=[StopOnNonRetryable()],
+            callbacks=[StopOnNonRetryable(), *callbacks],
             # Our own progress line says what matters each step; Ray's per-report INFO lines drown it.
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )

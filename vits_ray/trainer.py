@@ -14,6 +14,7 @@ ranks at each checkpoint along with the parameter checksums.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -41,6 +42,8 @@ EPOCH_SUMS = ("utterances", "wrapped_utterances", "audio_seconds")
 # A spike drill multiplies both learning rates by this for SPIKE_DRILL_STEPS steps.
 SPIKE_DRILL_FACTOR = 300.0
 SPIKE_DRILL_STEPS = 3
+# `loss_mel_recent` in reports: the median of this many last finite steps.
+RECENT_STEPS = 20
 # The blow-up drill multiplies a duration predictor weight by this: finite, but its activations
 # overflow and Coqui's spline raises instead of returning a loss.
 BLOWUP_DRILL_FACTOR = 1e30
@@ -149,6 +152,8 @@ class Trainer:
         self.spike_drill_until = -1
         self.pending = PendingSteps()
         self.means = EpochMeans()
+        self.recent_mel: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
+        self.last_val_loss_mel = float("nan")
         self.last_good = self.capture()
         self.last_saved_step = self.progress.step if resumed else -1
 
@@ -263,13 +268,15 @@ class Trainer:
                 directory = Path(tmp)
                 ckpt_io.write(directory, state, self.cfg.to_toml(), self.manifest["vocab"])
                 self.logger.flush()
-            self.session.report({**metrics, "step": self.progress.step}, directory, record["path"])
+            self.session.report({**metrics, **self.health_metrics()}, directory, record["path"])
         self.last_good = state
         self.last_saved_step = self.progress.step
 
     def rollback(self, step: int, events: list[dict]) -> None:
         """Back to the last checkpointed state, with backed-off learning rates."""
+        health = dict(self.progress.health)  # what happened stays counted
         self.restore(self.last_good)
+        self.progress.health = health
         self.spike_drill_until = -1  # the drill was part of the abandoned timeline
         multiplier = self.guard.after_rollback(step, self.progress.step)  # raises past the budget
         self.logger.mark_rolled_back(self.progress.step)
@@ -368,6 +375,8 @@ class Trainer:
                 say(progress_line(records[-1]))
         for record in records:
             self.means.add(record)
+            if math.isfinite(record["loss_mel"]):
+                self.recent_mel.append(record["loss_mel"])
             decision = self.guard.observe(record["step"], record)
             if self._instability(decision, records[-1]["step"]):
                 return False
@@ -375,6 +384,11 @@ class Trainer:
 
     def _instability(self, decision, step: int) -> bool:
         """Record the guard's events; roll back if it says so. True after a rollback."""
+        kinds = [event.kind for event in decision.events]
+        health = self.progress.health
+        for kind, count in (("spikes", int("spike" in kinds)), ("rollbacks", int(decision.rollback)),
+                            ("nonfinite_steps", kinds.count("nonfinite")), ("blowups", kinds.count("blowup"))):
+            health[kind] = health.get(kind, 0) + count
         for event in decision.events:
             self.logger.event(event.to_dict())
         if decision.rollback:
@@ -408,10 +422,20 @@ class Trainer:
         return {"kind": "val", "step": self.progress.step, "epoch": self.progress.epoch, "batches": int(totals[-2]),
                 "failed": int(totals[-1]), **{k: v / count for k, v in zip(VAL_KEYS, totals[:len(VAL_KEYS)])}}
 
+    def health_metrics(self) -> dict[str, Any]:
+        """What every report to Ray carries: where the run is, its recent mel loss (the median of
+        the last finite steps, robust to one noisy batch), its last validation mel loss, and how
+        unstable it has been. A sweep scores trials from these."""
+        recent = sorted(self.recent_mel)
+        return {"step": self.progress.step, "loss_mel_recent": recent[len(recent) // 2] if recent else float("nan"),
+                "val_loss_mel": self.last_val_loss_mel,
+                **{k: self.progress.health.get(k, 0) for k in ("spikes", "rollbacks", "nonfinite_steps", "blowups")}}
+
     def _after_validation(self, val: dict[str, Any]) -> None:
         from vits_ray.model import export_coqui
 
         self.logger.log(val)
+        self.last_val_loss_mel = val["val_loss_mel"]
         if val["val_loss_mel"] < self.progress.best_val_loss_mel:  # the same numbers on every rank
             self.progress.best_val_loss_mel, self.progress.best_step = val["val_loss_mel"], self.progress.step
             if self.rank == 0:
@@ -458,7 +482,7 @@ class Trainer:
         record = self.means.record(self.progress.epoch, self.progress.step)
         self.logger.log(record)
         # Ray gets the epoch means (a report is a barrier on all ranks: once an epoch, not a step).
-        self.session.report({k: v for k, v in record.items() if k != "kind"})
+        self.session.report({**{k: v for k, v in record.items() if k != "kind"}, **self.health_metrics()})
         self.means = EpochMeans()
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
