@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/bench_prepare.py
 	$(PY) bench/bench_reader.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/faults.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
