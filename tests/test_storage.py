@@ -457,6 +457,7 @@ def test_ray_filesystem_rides_out_an_outage_and_pickles_without_keys(s3_uri):
     filesystem, base = store.ray_filesystem()
     filesystem = pickle.loads(pickle.dumps(filesystem))  # as Ray ships it to its controller
     path = f"{base}/ray/snapshot.json"
+    store.write_bytes("ray/marker", b"")  # the listing races the write: what it lists must exist before
     with ThreadPoolExecutor(2) as pool:
         with s3_outage():
             def write() -> None:
