@@ -80,6 +80,18 @@ def test_blowups_in_validation_and_in_a_step_roll_back_instead_of_crashing(prepa
     assert restored == [4, 8]
 
 
+def test_rollback_to_an_epochs_last_step_writes_that_epochs_record_once(prepared_demo, tmp_path):
+    from vits_ray.runlog import read_records
+
+    # 11 steps an epoch here: the checkpoint at 11 is epoch 0's last step, saved before its end
+    job = drill_job(prepared_demo, tmp_path, "edge", drills=(Drill("blowup", 12),), overrides=["train.save_step=11"])
+    run_training(job, local=True)
+    metrics, events = read_records(open_store(str(tmp_path)).child("edge"))
+    assert [e["detail"]["restored_step"] for e in events if e["kind"] == "lr_backoff"] == [11]
+    epochs = [(r["epoch"], r["steps"]) for r in metrics if r["kind"] == "epoch" and not r.get("rolled_back")]
+    assert [e for e, _ in epochs] == [0], epochs  # not a second, empty record of epoch 0
+
+
 def test_an_error_that_is_not_a_blowup_still_fails_loudly(prepared_demo, tmp_path, monkeypatch):
     from vits_ray import trainer
 

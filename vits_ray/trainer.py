@@ -81,6 +81,11 @@ class EpochMeans:
         for key in EPOCH_KEYS:
             self.sums[key] = self.sums.get(key, 0.0) + float(record[key])
 
+    @property
+    def empty(self) -> bool:
+        """No step (finite or not) of this epoch has been seen."""
+        return self.count == 0 and not any(self.totals.values())
+
     def record(self, epoch: int, step: int) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": step, "steps": self.count,
                                "utterances": int(self.totals["utterances"]),
@@ -479,10 +484,14 @@ class Trainer:
         return self.sync()
 
     def end_epoch(self) -> None:
-        record = self.means.record(self.progress.epoch, self.progress.step)
-        self.logger.log(record)
-        # Ray gets the epoch means (a report is a barrier on all ranks: once an epoch, not a step).
-        self.session.report({**{k: v for k, v in record.items() if k != "kind"}, **self.health_metrics()})
+        # A checkpoint taken on an epoch's last step is restored (relaunch, rollback) before that
+        # epoch's end: its record was written in the first pass, and this pass saw no step of it.
+        if not self.means.empty:
+            record = self.means.record(self.progress.epoch, self.progress.step)
+            self.logger.log(record)
+            # Ray gets the epoch means (a report is a barrier on all ranks; `empty` is the same on
+            # every rank, as the records are reduced over ranks).
+            self.session.report({**{k: v for k, v in record.items() if k != "kind"}, **self.health_metrics()})
         self.means = EpochMeans()
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
