@@ -119,6 +119,18 @@ def _cluster_procs(info: dict) -> list:
     return list(found.values())
 
 
+def kill(procs: list, wait_s: float) -> None:
+    """SIGKILL `procs` (gone ones are skipped) and wait up to `wait_s` for them to exit."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=wait_s)
+
+
 def stop(d: Path, grace_s: float = 3.0) -> int:
     import psutil
 
@@ -135,12 +147,7 @@ def stop(d: Path, grace_s: float = 3.0) -> int:
     # The GCS lingers well past SIGTERM once its raylets are gone (>15 s here); this throwaway
     # cluster keeps nothing worth a graceful shutdown, so survivors of the grace get SIGKILL.
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    kill(alive, wait_s=5)
     shutil.rmtree(info["temp_dir"], ignore_errors=True)  # sessions, sockets, logs: ours only
     path.unlink()
     return len(procs)

@@ -111,15 +111,7 @@ def node_of(proc):
 
 def stop_node(raylet) -> None:
     """Stop a node the hard way: its raylet and everything it started, at once."""
-    import psutil
-
-    procs = [raylet] + raylet.children(recursive=True)
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
+    _cluster_script().kill([raylet] + raylet.children(recursive=True), wait_s=10)
 
 
 @dataclass
@@ -177,6 +169,18 @@ def sleep_outage(run: Background, seconds: float = OUTAGE_SECONDS) -> None:
 CLUSTER_SCRIPT = Path(__file__).resolve().parent.parent / "cluster" / "local.py"
 
 
+def _cluster_script():
+    """cluster/local.py as a module (it is a script, not part of the package)."""
+    import sys
+
+    sys.path.insert(0, str(CLUSTER_SCRIPT.parent))
+    try:
+        import local
+    finally:
+        sys.path.remove(str(CLUSTER_SCRIPT.parent))
+    return local
+
+
 @contextmanager
 def local_cluster(state: Path, workers: int):
     """A head (no CPUs: no training worker may land on it) and `workers` one-CPU worker nodes,
@@ -186,11 +190,7 @@ def local_cluster(state: Path, workers: int):
     import subprocess
     import sys
 
-    sys.path.insert(0, str(CLUSTER_SCRIPT.parent))
-    try:
-        import local
-    finally:
-        sys.path.remove(str(CLUSTER_SCRIPT.parent))
+    local = _cluster_script()
     run = [sys.executable, str(CLUSTER_SCRIPT)]
     try:
         subprocess.run([*run, "start", "--workers", str(workers), "--head-cpus", "0", "--dir", str(state)],

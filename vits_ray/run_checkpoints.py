@@ -35,7 +35,6 @@ class Found:
     """The checkpoint to resume from (None: start fresh), and what was passed over on the way."""
 
     directory: Path | None
-    name: str = ""
     skipped: list[str] = field(default_factory=list)  # "checkpoint_...: why", newest first
 
 
@@ -69,10 +68,10 @@ class RunCheckpoints:
                     skipped.append(f"{name}: {str(err).replace(f'{local}: ', '')}")
                     continue
                 self.superseded = [note.split(":", 1)[0] for note in skipped]
-                yield Found(local, name, skipped)
+                yield Found(local, skipped)
                 return
             self.superseded = [note.split(":", 1)[0] for note in skipped]
-            yield Found(None, "", skipped)
+            yield Found(None, skipped)
 
     def upload(self, local_dir: Path, name: str) -> None:
         """Every file, then the digest: the folder counts as a checkpoint only once all arrived.
