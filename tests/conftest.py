@@ -1,8 +1,42 @@
 """Shared fixtures."""
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Everything a run writes to the temp folder (pytest's tmp_path folders, Ray's session logs,
+# workers' checkpoint staging and TensorBoard folders, what a killed worker leaves behind) goes
+# under one folder of this session's, removed when the session passes. The suite writes about
+# 12 GB of checkpoints in all; CI machines have had less than 1 GB free, so nothing may pile up.
+_SCRATCH = None
+_PASSED = pytest.StashKey[bool]()
+
+
+def pytest_configure(config):
+    global _SCRATCH
+    if os.environ.get("PYTEST_XDIST_WORKER") or _SCRATCH is not None:
+        return
+    _SCRATCH = tempfile.mkdtemp(prefix="vits-ray-tests-")
+    os.environ["TMPDIR"] = _SCRATCH  # Ray's and every worker's temp folder on Linux
+    tempfile.tempdir = None  # gettempdir() caches; read TMPDIR again
+    # At exit, not at unconfigure: handlers run last-registered first, so this one runs after
+    # those of modules (multiprocessing's) that remove their own folders in it.
+    atexit.register(_remove_scratch, config)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_PASSED] = exitstatus == 0
+
+
+def _remove_scratch(config):
+    if config.stash.get(_PASSED, False):
+        shutil.rmtree(_SCRATCH, ignore_errors=True)
+    else:  # a failed test's tmp_path (pytest keeps only those) and Ray's logs, for reading
+        print(f"\ntest scratch kept for inspection: {_SCRATCH}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,8 +82,6 @@ def ray_local(s3_server):
     Started after the S3 server so its workers inherit the endpoint and test credentials, as
     workers of a real cluster get theirs from their environment.
     """
-    import os
-
     import ray
 
     # See the Makefile: Ray's metrics thread has crashed actors here; nothing reads the metrics.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -17,13 +19,16 @@ def init_checkpoint_location(uri: str, storage_cfg):
     return open_store(folder, storage_cfg), name
 
 
-def fetch_init_checkpoint(uri: str, storage_cfg) -> tuple[Path, Path | None]:
-    """A local copy of a Coqui checkpoint (model.pth, or the named .pth) and its config.json."""
+@contextlib.contextmanager
+def fetch_init_checkpoint(uri: str, storage_cfg) -> Iterator[tuple[Path, Path | None]]:
+    """A local copy of a Coqui checkpoint (model.pth, or the named .pth) and its config.json,
+    removed when the block ends: at the reference scale it is a 1 GB file per worker."""
     store, name = init_checkpoint_location(uri, storage_cfg)
-    local = Path(tempfile.mkdtemp(prefix="vits-ray-init-"))
-    store.download_file(name, local / "model.pth")
-    config_path = None
-    if store.exists("config.json"):
-        store.download_file("config.json", local / "config.json")
-        config_path = local / "config.json"
-    return local / "model.pth", config_path
+    with tempfile.TemporaryDirectory(prefix="vits-ray-init-") as tmp:
+        local = Path(tmp)
+        store.download_file(name, local / "model.pth")
+        config_path = None
+        if store.exists("config.json"):
+            store.download_file("config.json", local / "config.json")
+            config_path = local / "config.json"
+        yield local / "model.pth", config_path

@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,8 @@ class _TensorBoard:
 
     def __init__(self, purge_step: int | None):
         self.dir = Path(tempfile.mkdtemp(prefix="vits-ray-tb-"))
+        # Gone on remove(), or when a logger nobody closed is collected or the interpreter exits.
+        self.remove = weakref.finalize(self, shutil.rmtree, str(self.dir), ignore_errors=True)
         self._id = uuid.uuid4().hex[:8]
         self._files = 0
         try:
@@ -315,9 +318,6 @@ class _TensorBoard:
         self._writer = self._open() if reopen else None
         self._dirty = False
         return uploads
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _line(record: dict[str, Any]) -> str:

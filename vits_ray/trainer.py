@@ -227,8 +227,8 @@ class Trainer:
         if self.job.init_from:
             from vits_ray.init_checkpoint import fetch_init_checkpoint
 
-            model_path, config_path = fetch_init_checkpoint(self.job.init_from, self.cfg.storage)
-            self.warm_report = warm_start(self.model, model_path, config_path)
+            with fetch_init_checkpoint(self.job.init_from, self.cfg.storage) as (model_path, config_path):
+                self.warm_report = warm_start(self.model, model_path, config_path)
             if self.cfg.train.keep_step:  # continue the global step and the per-epoch decay
                 self.progress.step, self.progress.epoch = self.warm_report.global_step, self.warm_report.epoch
                 self.progress.first_epoch = self.progress.epoch
