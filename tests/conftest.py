@@ -87,6 +87,9 @@ def ray_local(s3_server):
     # See the Makefile: Ray's metrics thread has crashed actors here; nothing reads the metrics.
     os.environ.setdefault("RAY_enable_metrics_collection", "0")
     # Ray 2.60 turns token authentication on for a new local cluster and writes the token itself.
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner needs to free the
+    # placement group of a trial that Tune stopped early (see train.ensure_ray).
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             configure_logging=False)
     yield
     ray.shutdown()

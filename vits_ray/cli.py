@@ -5,6 +5,7 @@ Heavy imports (torch, ray, Coqui) happen inside each command so `--help` stays f
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import click
@@ -147,17 +148,57 @@ def train(config_path, overrides, data, storage, name, workers, gpu, max_steps, 
     click.echo(f"run: {outcome.run_uri} (step {outcome.step})\nexport: {outcome.export_uri}")
 
 
+# --- tune ---------------------------------------------------------------------------------
+
+@main.command()
+@config_options()
+@click.option("--data", required=True, help="A `prepare` output: local folder or s3:// URI.")
+@click.option("--storage", required=True, help="Where sweeps live: local folder or s3://bucket/prefix.")
+@click.option("--name", required=True, help="Sweep name; launching again with the same name resumes it.")
+@click.option("--space", "space_path", default=None,
+              help="Search space TOML (default: the bundled jobs/configs/tune_lr.toml).")
+@click.option("--trials", default=8, show_default=True, help="Trials Optuna proposes.")
+@click.option("--concurrent", default=1, show_default=True, help="Trials at once (what the cluster holds).")
+@click.option("--max-steps", default=200, show_default=True, help="Steps of a trial that ASHA does not stop.")
+@click.option("--workers", default=1, show_default=True, help="Ray Train workers per trial.")
+@click.option("--gpu/--cpu", default=False, show_default=True, help="Train on GPUs or CPUs.")
+def tune(config_path, overrides, data, storage, name, space_path, trials, concurrent, max_steps, workers, gpu) -> None:
+    """Search learning-rate schedules with Ray Tune + Optuna, scored for stability as well as loss."""
+    from vits_ray.config import RECIPE_DIR
+    from vits_ray.recovery import RunAbortedError
+    from vits_ray.train import TrainSetupError
+    from vits_ray.tune.space import SpaceError
+    from vits_ray.tune.sweep import BEST_FILE, TRIALS_FILE, SweepJob, run_sweep
+
+    load_or_exit(config_path, overrides)
+    sweep = SweepJob(recipe=config_path, overrides=tuple(overrides), space_path=space_path or str(RECIPE_DIR / "tune_lr.toml"),
+                     data_uri=data, storage_uri=storage, name=name, trials=trials, concurrent=concurrent,
+                     max_steps=max_steps, workers=workers, use_gpu=gpu)
+    try:
+        outcome = run_sweep(sweep)
+    except (SpaceError, TrainSetupError, RunAbortedError) as err:
+        raise click.ClickException(str(err)) from err
+    done = collections.Counter(r["status"] for r in outcome.rows)
+    click.echo(f"sweep: {outcome.sweep_uri} ({', '.join(f'{n} {s}' for s, n in sorted(done.items()))})")
+    click.echo(f"trials: {outcome.sweep_uri}/{TRIALS_FILE}")
+    if outcome.best is not None:
+        click.echo(f"best: trial {outcome.best['trial_id']}, score {outcome.best['score']:.4g} -> "
+                   f"{outcome.sweep_uri}/{BEST_FILE}")
+
+
 # --- report -------------------------------------------------------------------------------
 
 @main.command()
 @click.argument("run")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder.")
 def report(run, out_dir) -> None:
-    """Analyse a run (STORAGE/NAME, a metrics.jsonl or a Coqui trainer log) into report.md/html and plots."""
-    from vits_ray.report import ReportError, write_report
+    """Analyse a run (STORAGE/NAME, a metrics.jsonl or a Coqui trainer log) into report.md/html and plots,
+    or a sweep (STORAGE/SWEEP, the folder holding trials.csv) into sweep.md/html and plots."""
+    from vits_ray.report import ReportError, write_report, write_sweep_report
+    from vits_ray.report.sweep import is_sweep
 
     try:
-        path = write_report(run, Path(out_dir))
+        path = (write_sweep_report if is_sweep(run) else write_report)(run, Path(out_dir))
     except ReportError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"report: {path}")
@@ -172,8 +213,11 @@ def report(run, out_dir) -> None:
 @click.option("--n", "count", default=40, show_default=True, help="Demo corpus size.")
 @click.option("--max-steps", default=40, show_default=True, help="Training steps.")
 @click.option("--workers", default=2, show_default=True, help="Data-parallel training workers (CPU).")
-def demo(out_dir, config_path, overrides, count, max_steps, workers) -> None:
-    """The whole pipeline on the embedded demo corpus: corpus -> shards -> training -> report."""
+@click.option("--sweep-trials", default=4, show_default=True, help="Trials of the closing learning-rate sweep.")
+@click.option("--sweep-steps", default=12, show_default=True, help="Steps of a sweep trial that ASHA does not stop.")
+def demo(out_dir, config_path, overrides, count, max_steps, workers, sweep_trials, sweep_steps) -> None:
+    """The whole pipeline on the embedded demo corpus: corpus -> shards -> training -> report -> sweep."""
     from vits_ray.demo.pipeline import run_demo
 
-    run_demo(Path(out_dir), load_or_exit(config_path, overrides), n=count, max_steps=max_steps, workers=workers)
+    run_demo(Path(out_dir), load_or_exit(config_path, overrides), n=count, max_steps=max_steps, workers=workers,
+             sweep_trials=sweep_trials, sweep_steps=sweep_steps, recipe=config_path, overrides=tuple(overrides))

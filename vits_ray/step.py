@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from vits_ray.config import ConfigError
 from vits_ray.distributed import GradientSync
 
 GEN_LOSS_KEYS = ("loss_gen", "loss_kl", "loss_feat", "loss_mel", "loss_duration")
@@ -38,7 +39,8 @@ class Precision:
         if mode == "bf16":
             return Precision(device_type, torch.bfloat16, False)
         if device_type != "cuda":
-            raise ValueError("train.mixed_precision: fp16 needs a GPU; use 'bf16' or 'no' on CPU")
+            # A ConfigError: no restart of the worker group can give it a GPU.
+            raise ConfigError("train.mixed_precision: fp16 needs a GPU; use 'bf16' or 'no' on CPU")
         return Precision(device_type, torch.float16, True)
 
     def autocast(self):

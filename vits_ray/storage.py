@@ -470,7 +470,7 @@ class S3Store(Store):
         self._call("download", rel, lambda: _atomic_local_write(
             Path(local_path), lambda dst: self._client.download_fileobj(self.bucket, key, dst)))
 
-    def arrow_filesystem(self) -> tuple[pafs.FileSystem, str]:
+    def arrow_filesystem(self, background_writes: bool = True) -> tuple[pafs.FileSystem, str]:
         """pyarrow's S3 filesystem over this store, carrying no credentials.
 
         No keys are passed: pyarrow's AWS SDK resolves them through its default chain (environment,
@@ -481,7 +481,8 @@ class S3Store(Store):
         """
         import boto3
 
-        kwargs: dict = {"region": self.region, "connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        kwargs: dict = {"region": self.region, "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                        "background_writes": background_writes}
         if self.endpoint_url:
             scheme, _, host = self.endpoint_url.partition("://")
             kwargs.update(scheme=scheme, endpoint_override=host.rstrip("/"))
@@ -493,7 +494,11 @@ class S3Store(Store):
     def ray_filesystem(self) -> tuple[pafs.FileSystem, str]:
         from vits_ray.arrow_retry import retrying_filesystem
 
-        filesystem, base = self.arrow_filesystem()
+        # No background writes under the retrying wrapper: Ray's syncer copies through it with
+        # pyarrow's copy_files, whose tasks run on Arrow's IO thread pool; each one blocks in our
+        # Python handler until its S3 upload closes, and a background upload needs a thread of that
+        # same pool. Eight at once took every thread, and a sweep's driver hung for good (seen).
+        filesystem, base = self.arrow_filesystem(background_writes=False)
         return retrying_filesystem(filesystem, RetryPolicy.from_config(self.cfg), self.uri), base
 
     def check(self) -> None:

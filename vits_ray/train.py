@@ -61,6 +61,7 @@ class TrainJob:
     init_from: str = ""
     drills: tuple[Drill, ...] = ()
     cpus_per_worker: int = 1
+    quiet: bool = False  # no per-step console lines (a sweep's trials); records are written as ever
 
     def resolved_config(self) -> Config:
         return config_from_dict(self.config)
@@ -266,7 +267,12 @@ def _check_batches_per_epoch(job: TrainJob, cfg: Config, manifest: dict[str, Any
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local one bound to loopback."""
+    """Join the cluster in RAY_ADDRESS, or start a local one bound to loopback.
+
+    The local one has its dashboard (on 127.0.0.1): Ray's State API lives there, and without it
+    Ray Train's PlacementGroupCleaner cannot see that a controller died, so a placement group of
+    a trial that Tune stopped early is never removed and its CPUs stay reserved for good.
+    """
     import ray
 
     if ray.is_initialized():
@@ -276,8 +282,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=True, configure_logging=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ ranks at each checkpoint along with the parameter checksums.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import io
 import json
 import math
 import sys
@@ -128,7 +130,9 @@ class Trainer:
         self.data_store = open_store(job.data_uri, cfg.storage)
         self.manifest = read_manifest(self.data_store)
         self.vocab = Vocabulary.from_dict(self.manifest["vocab"])
-        self.model = build_model(cfg, self.vocab).to(device)  # same seed on every rank: same weights
+        # Coqui prints its audio settings at every build: twenty lines per trial of a sweep.
+        with contextlib.redirect_stdout(io.StringIO()) if job.quiet else contextlib.nullcontext():
+            self.model = build_model(cfg, self.vocab).to(device)  # same seed on every rank: same weights
         self.optimizers = build_optimizers(self.model, cfg)
         self.criteria = self.model.get_criterion()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_scaler else None
@@ -376,7 +380,7 @@ class Trainer:
             self.logger.log(record)
         if records:
             self.last_record = records[-1]
-            if self.rank == 0:
+            if self.rank == 0 and not self.job.quiet:
                 say(progress_line(records[-1]))
         for record in records:
             self.means.add(record)
@@ -490,7 +494,9 @@ class Trainer:
             record = self.means.record(self.progress.epoch, self.progress.step)
             self.logger.log(record)
             # Ray gets the epoch means (a report is a barrier on all ranks; `empty` is the same on
-            # every rank, as the records are reduced over ranks).
+            # every rank, as the records are reduced over ranks). Records first into storage: a
+            # sweep's scheduler may end the trial at this report, killing the workers mid-epoch.
+            self.logger.flush()
             self.session.report({**{k: v for k, v in record.items() if k != "kind"}, **self.health_metrics()})
         self.means = EpochMeans()
         self.progress.epoch += 1

@@ -1,7 +1,8 @@
 """`make demo`: the whole pipeline on the embedded demo corpus, all local.
 
 demo corpus (espeak-ng Bangla) -> `prepare` into shards -> train the tiny model on local Ray
-(two data-parallel workers) -> report. Everything lands under one folder so a user can look at each stage's output.
+(two data-parallel workers) -> report -> a small learning-rate sweep (Ray Tune + Optuna + ASHA) and
+its report. Everything lands under one folder so a user can look at each stage's output.
 Training includes a blow-up drill (the weights explode five eighths of the way in and Coqui's
 forward raises): the run rolls back to its last checkpoint and goes on, and the report shows it.
 """
@@ -13,33 +14,46 @@ from pathlib import Path
 from vits_ray.config import Config
 
 
-def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, workers: int = 2) -> None:
+def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, workers: int = 2,
+             sweep_trials: int = 4, sweep_steps: int = 12, recipe: str = "tiny", overrides: tuple[str, ...] = ()) -> None:
+    """`config` is `recipe` with `overrides`; the sweep's trials rebuild it from those two."""
     from vits_ray.data.ingest import prepare_corpus
     from vits_ray.demo.corpus import write_demo_corpus
-    from vits_ray.report import write_report
+    from vits_ray.config import RECIPE_DIR
+    from vits_ray.report import write_report, write_sweep_report
     from vits_ray.train import Drill, TrainJob, run_training
+    from vits_ray.tune.sweep import SweepJob, run_sweep
 
     out_dir = out_dir.resolve()
     corpus = out_dir / "corpus"
     shards = out_dir / "shards"
     runs = out_dir / "runs"
 
-    print(f"[demo] 1/4 demo corpus: {n} Bangla utterances -> {corpus}", flush=True)
+    print(f"[demo] 1/5 demo corpus: {n} Bangla utterances -> {corpus}", flush=True)
     write_demo_corpus(corpus, n=n, seed=0)
 
-    print(f"[demo] 2/4 prepare: validated Parquet shards -> {shards}", flush=True)
+    print(f"[demo] 2/5 prepare: validated Parquet shards -> {shards}", flush=True)
     summary = prepare_corpus(corpus, "ljspeech", str(shards), config, progress=False)
     print(summary.format_text(), flush=True)
 
     drills = (Drill("blowup", max_steps * 5 // 8),) if max_steps >= 8 else ()
-    print(f"[demo] 3/4 train: tiny VITS on local Ray, CPU, {workers} data-parallel workers, {max_steps} steps"
+    print(f"[demo] 3/5 train: tiny VITS on local Ray, CPU, {workers} data-parallel workers, {max_steps} steps"
           f"{f', a blow-up drill at step {drills[0].step}' if drills else ''} -> {runs}/demo", flush=True)
     job = TrainJob(config=config.to_dict(), data_uri=str(shards), storage_uri=str(runs), name="demo",
                    max_steps=max_steps, workers=workers, drills=drills)
     outcome = run_training(job)
 
     report_dir = out_dir / "report"
-    print(f"[demo] 4/4 report -> {report_dir}", flush=True)
+    print(f"[demo] 4/5 report -> {report_dir}", flush=True)
     report_path = write_report(outcome.run_uri, report_dir)
+
+    sweeps = out_dir / "sweeps"
+    print(f"[demo] 5/5 sweep: {sweep_trials} trials of the generator learning rate, up to {sweep_steps} steps "
+          f"each, one at a time -> {sweeps}/lr", flush=True)
+    sweep = run_sweep(SweepJob(recipe=recipe, overrides=overrides, space_path=str(RECIPE_DIR / "tune_demo.toml"),
+                               data_uri=str(shards), storage_uri=str(sweeps), name="lr", trials=sweep_trials,
+                               max_steps=sweep_steps, grace_steps=max(1, sweep_steps // 4)))
+    sweep_report = write_sweep_report(sweep.sweep_uri, out_dir / "sweep-report")
     print(f"[demo] done.\n  shards:  {shards}\n  run:     {outcome.run_uri}\n  export:  {outcome.export_uri}"
-          f"\n  report:  {report_path}", flush=True)
+          f"\n  report:  {report_path}\n  sweep:   {sweep.sweep_uri} (best recipe: best.toml)"
+          f"\n  sweep report: {sweep_report}", flush=True)

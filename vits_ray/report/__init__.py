@@ -3,8 +3,10 @@
     write_report("runs/NAME", Path("out"))            # a run folder (or s3://bucket/prefix/NAME)
     write_report("runs/NAME/metrics.jsonl", out)      # a bare metrics file
     write_report("coqui_run/trainer_0_log.txt", out)  # a Coqui trainer log, or its run folder
+    write_sweep_report("sweeps/SWEEP", out)           # a Ray Tune sweep (the folder with trials.csv)
 
-Pieces: `load` (records in), `analysis` (pure numbers), `plots` (PNGs), `render` (documents).
+Pieces: `load` (records in), `analysis` (pure numbers), `plots` (PNGs), `render` (documents);
+`sweep` (the report of a Ray Tune sweep, drawn and rendered with the same helpers).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from vits_ray.report.load import ReportError, RunData, load_run
 
-__all__ = ["ReportError", "RunData", "load_run", "write_report"]
+__all__ = ["ReportError", "RunData", "load_run", "write_report", "write_sweep_report"]
 
 
 def write_report(source: str, out_dir: Path) -> Path:
@@ -31,3 +33,13 @@ def write_report(source: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = make_plots(analysis, out_dir)
     return write_documents(analysis, figures, out_dir)
+
+
+def write_sweep_report(source: str, out_dir: Path) -> Path:
+    """Analyse the sweep at `source` into `out_dir` (sweep.md, sweep.html, sweep.json, PNGs).
+
+    Returns the path of sweep.md. Raises `ReportError` when trials.csv is missing or incomplete.
+    """
+    from vits_ray.report.sweep import write_sweep_report as write
+
+    return write(source, out_dir)

@@ -1,0 +1,12 @@
+"""Entrypoint for `ray job submit`: the same code as `vits-ray tune`.
+
+    ray job submit --working-dir . -- python jobs/tune.py --config bn_bd_vits \
+        --data s3://bucket/shards --storage s3://bucket/sweeps --name lr-sweep --trials 16 --concurrent 4 --gpu
+
+It joins the cluster in RAY_ADDRESS (set by `ray job submit`), or starts a local one.
+"""
+
+from vits_ray.cli import main
+
+if __name__ == "__main__":
+    main(["tune", *__import__("sys").argv[1:]], prog_name="jobs/tune.py")
