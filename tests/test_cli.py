@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from vits_ray.cli import main
 
-SUBCOMMANDS = ("config", "text", "demo-corpus", "prepare", "train", "report", "demo")
+SUBCOMMANDS = ("config", "text", "demo-corpus", "prepare", "train", "tune", "report", "demo")
 
 
 def test_help_lists_every_subcommand_and_each_has_help():
@@ -69,7 +69,8 @@ def test_job_entrypoints_run_the_stages_as_the_cli_does(demo_corpus_dir, tmp_pat
 
 @pytest.mark.parametrize("script,args", [("prepare.py", ["--input", "nowhere", "--format", "ljspeech",
                                                          "--output", "x"]),
-                                         ("train.py", ["--data", "x", "--storage", "y"])])
+                                         ("train.py", ["--data", "x", "--storage", "y"]),
+                                         ("tune.py", ["--data", "x", "--storage", "y"])])
 def test_job_entrypoints_fail_with_the_clis_message(script, args):
     from click.testing import CliRunner
 
