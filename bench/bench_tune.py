@@ -320,7 +320,8 @@ def main() -> None:
     space = root / "space.toml"
     space.write_text(SPACE_TOML)
     storage = root / "sweeps"
-    job = SweepJob(recipe="tiny", overrides=tuple(args.set), space_path=str(space), data_uri=str(shards),
+    # A blown-up trial fails the same way after a restart; retries would only add to its overhead.
+    job = SweepJob(recipe="tiny", overrides=("train.max_failures=0", *args.set), space_path=str(space), data_uri=str(shards),
                    storage_uri=str(storage), name=SWEEP_NAME, trials=args.trials, concurrent=args.concurrent,
                    max_steps=args.max_steps, grace_steps=args.grace)
 

@@ -142,6 +142,21 @@ def test_a_bad_space_is_refused_before_any_trial(prepared_demo, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_the_sweep_fails_only_when_every_trial_fails(prepared_demo, ray_local, tmp_path):
+    from vits_ray.cli import main
+
+    space = tmp_path / "fp16.toml"
+    space.write_text('[parameters."train.mixed_precision"]\nvalues = ["fp16"]\n')
+    result = CliRunner().invoke(main, ["tune", "--config", "tiny", "--set", "train.max_failures=0", "--data",
+                                       str(prepared_demo), "--storage", str(tmp_path), "--name", "doomed",
+                                       "--space", str(space), "--trials", "2", "--max-steps", "2"])
+    assert result.exit_code == 1, result.output
+    assert "every trial failed" in result.output and "fp16 needs a GPU" in result.output
+    rows = load_trials(tmp_path / "doomed" / TRIALS_FILE)
+    assert [r["status"] for r in rows] == ["errored", "errored"]
+    assert not (tmp_path / "doomed" / BEST_FILE).exists()
+
+
 # --- resume after the driver dies, on S3 ------------------------------------------------------
 
 RESUME_SPACE = """

@@ -168,7 +168,7 @@ def tune(config_path, overrides, data, storage, name, space_path, trials, concur
     from vits_ray.recovery import RunAbortedError
     from vits_ray.train import TrainSetupError
     from vits_ray.tune.space import SpaceError
-    from vits_ray.tune.sweep import BEST_FILE, TRIALS_FILE, SweepJob, run_sweep
+    from vits_ray.tune.sweep import BEST_FILE, TRIALS_FILE, SweepFailedError, SweepJob, run_sweep
 
     load_or_exit(config_path, overrides)
     sweep = SweepJob(recipe=config_path, overrides=tuple(overrides), space_path=space_path or str(RECIPE_DIR / "tune_lr.toml"),
@@ -176,7 +176,7 @@ def tune(config_path, overrides, data, storage, name, space_path, trials, concur
                      max_steps=max_steps, workers=workers, use_gpu=gpu)
     try:
         outcome = run_sweep(sweep)
-    except (SpaceError, TrainSetupError, RunAbortedError) as err:
+    except (SpaceError, TrainSetupError, RunAbortedError, SweepFailedError) as err:
         raise click.ClickException(str(err)) from err
     done = collections.Counter(r["status"] for r in outcome.rows)
     click.echo(f"sweep: {outcome.sweep_uri} ({', '.join(f'{n} {s}' for s, n in sorted(done.items()))})")

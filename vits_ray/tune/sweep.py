@@ -30,6 +30,10 @@ SCORE_COLUMNS = ("trial_id", "status", "score", "loss", "spikes", "rollbacks", "
                  "penalty", "steps", "error")
 
 
+class SweepFailedError(RuntimeError):
+    """No trial of the sweep ran to a result; trials.csv has each one's error."""
+
+
 @dataclass(frozen=True)
 class SweepJob:
     """A sweep, as plain data (it is shipped to every trial)."""
@@ -196,7 +200,8 @@ def run_sweep(sweep: SweepJob) -> SweepOutcome:
     sweep_store.write_bytes(TRIALS_FILE, trials_csv(rows, space).encode("utf-8"))
     finished = [r for r in rows if r["status"] != "errored" and r["score"] < DIVERGED_SCORE]
     if not [r for r in rows if r["status"] != "errored"]:
-        raise RuntimeError(f"sweep {sweep.name}: every trial failed; first error: {rows[0]['error'] if rows else '-'}")
+        raise SweepFailedError(f"sweep {sweep.name}: every trial failed (see {outcome.sweep_uri}/{TRIALS_FILE}); "
+                               f"first error: {rows[0]['error'] if rows else '-'}")
     if finished:
         outcome.best = min(finished, key=lambda r: r["score"])
         sweep_store.write_bytes(BEST_FILE, best_recipe(sweep, outcome.best, space).encode("utf-8"))
