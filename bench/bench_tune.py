@@ -16,7 +16,7 @@ compare):
 - Sweep wall: the `run_sweep` call (preflight, Tune's set-up, the trials, trials.csv/best.toml).
 - Trial wall: from Tune's `on_trial_start` (the trial's actor is up) to its `on_trial_complete` or
   `on_trial_error` (Tune has the trial's last result, or ASHA has decided to stop it), as seen by a
-  callback in the driver (the sweep's progress callback, wrapped here). It covers the Ray Train run
+  callback in the driver (a Tune callback passed to `run_sweep`). It covers the Ray Train run
   the trial builds: its controller and worker start, the model build, the steps, checkpoints, the
   final export and the run winding down; for a stopped trial, up to the report that stopped it.
 - Step time: the sum of the `step_time` of the trial's step records (`read_records`: rolled-back
@@ -45,7 +45,6 @@ folder is kept (its path is printed), with the raw figures in timings.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -105,38 +104,20 @@ class TrialClock:
         self.ended: dict[str, float] = {}
 
 
-@contextlib.contextmanager
-def clocked_trials(clock: TrialClock):
-    """Wrap the sweep's progress callback so that it also stamps each trial's start and end.
+def trial_clock_callback(clock: TrialClock):
+    """A Tune callback that stamps each trial's start and end in the driver: what Tune calls a trial."""
+    import ray.tune
 
-    `run_sweep` takes no callbacks of its own; its progress callback already sees every start
-    and end, so timing it there measures exactly what Tune calls a trial. This leans on two private
-    names of vits_ray.tune.sweep (`_progress_class`, `SweepProgress._ended`): rename them there,
-    rename them here.
-    """
-    from vits_ray.tune import sweep
+    class ClockTrials(ray.tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            clock.started.setdefault(trial.trial_id, time.time())  # a restarted trial keeps its first start
 
-    original = sweep._progress_class
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            clock.ended[trial.trial_id] = time.time()
 
-    def progress_class():
-        progress = original()
+        on_trial_error = on_trial_complete
 
-        class ClockedProgress(progress):
-            def on_trial_start(self, iteration, trials, trial, **info):
-                clock.started.setdefault(trial.trial_id, time.time())  # a restarted trial keeps its first start
-                super().on_trial_start(iteration, trials, trial, **info)
-
-            def _ended(self, trial, error: bool) -> None:
-                clock.ended[trial.trial_id] = time.time()
-                super()._ended(trial, error)
-
-        return ClockedProgress
-
-    sweep._progress_class = progress_class
-    try:
-        yield clock
-    finally:
-        sweep._progress_class = original
+    return ClockTrials()
 
 
 def prepare_demo(root: Path, n: int) -> Path:
@@ -330,10 +311,9 @@ def main() -> None:
     ray_start = time.time() - began
     clock = TrialClock()
     try:
-        with clocked_trials(clock):
-            sweep_began = time.time()
-            outcome = run_sweep(job)
-            sweep_ended = time.time()
+        sweep_began = time.time()
+        outcome = run_sweep(job, callbacks=(trial_clock_callback(clock),))
+        sweep_ended = time.time()
     finally:
         ray.shutdown()  # the figures below read storage only
 

@@ -68,6 +68,9 @@ class LogTail:
                 out.append(f.read().decode("utf-8", "replace"))
         return "".join(out)
 
+    def last_step(self) -> int:
+        return max(map(int, STEP_LINE.findall(self.text())), default=0)
+
     def recomputed(self) -> int:
         counts = collections.Counter(int(s) for s in STEP_LINE.findall(self.text()))
         return sum(c - 1 for c in counts.values())
@@ -92,8 +95,7 @@ def drill_kill(shards, root: Path, twin_s: float) -> Row:
     run = Background(drill_job(shards, root, "kill"))
     wait_for(lambda: has_checkpoint(run_store, 2 * SAVE_STEP), 300, "the second checkpoint", run)
     # mid-interval, as a real fault lands: a step or two after the checkpoint
-    wait_for(lambda: max(map(int, STEP_LINE.findall(tail.text())), default=0) > 2 * SAVE_STEP + 1, 300,
-             "two steps past the checkpoint", run)
+    wait_for(lambda: tail.last_step() > 2 * SAVE_STEP + 1, 300, "two steps past the checkpoint", run)
     killed = time.monotonic()
     kill_training_worker()
     wait_for(lambda: "resuming at step" in tail.text(), 300, "the restart", run)
@@ -118,8 +120,7 @@ def drill_node(shards, root: Path, twin_s: float) -> Row:
         driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run_store = open_store(str(root / "runs")).child("node")
         wait_for(lambda: has_checkpoint(run_store, SAVE_STEP), 300, "the first checkpoint")
-        wait_for(lambda: max(map(int, STEP_LINE.findall(tail.text())), default=0) > SAVE_STEP + 1, 300,
-                 "two steps past the checkpoint")
+        wait_for(lambda: tail.last_step() > SAVE_STEP + 1, 300, "two steps past the checkpoint")
         ours = {p.pid for p in cluster_procs()}
         stop_node(node_of(next(p for p in training_workers() if p.pid in ours)))
         stopped = time.monotonic()
@@ -162,7 +163,6 @@ def drill_corrupt(shards, root: Path, twin_s: float) -> Row:
     run_training(drill_job(shards, root, "corrupt", max_steps=2 * SAVE_STEP), local=True)
     state = root / "corrupt" / f"checkpoint_{2 * SAVE_STEP:08d}" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    tail = LogTail(_ray_logs())
     started = time.monotonic()
     run_training(drill_job(shards, root, "corrupt"))
     run_store = open_store(str(root)).child("corrupt")

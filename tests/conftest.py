@@ -18,8 +18,6 @@ _PASSED = pytest.StashKey[bool]()
 
 def pytest_configure(config):
     global _SCRATCH
-    if os.environ.get("PYTEST_XDIST_WORKER") or _SCRATCH is not None:
-        return
     _SCRATCH = tempfile.mkdtemp(prefix="vits-ray-tests-")
     os.environ["TMPDIR"] = _SCRATCH  # Ray's and every worker's temp folder on Linux
     tempfile.tempdir = None  # gettempdir() caches; read TMPDIR again

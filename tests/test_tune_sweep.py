@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from vits_ray.tune.score import DIVERGED_SCORE
-from vits_ray.tune.sweep import BEST_FILE, TRIALS_FILE, SweepJob, load_trials, run_sweep
+from vits_ray.tune.sweep import BEST_FILE, TRIALS_FILE, SweepJob, run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +35,11 @@ when = { "optim.lr_gen" = 0.5 }
 """
 UNSTABLE_LR = 0.5
 MAX_STEPS = 8
+
+
+def load_trials(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def sweep_job(tmp: Path, data: str, storage: str, name: str, space_text: str, **kw) -> SweepJob:

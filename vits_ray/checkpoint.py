@@ -51,6 +51,10 @@ class WorldSizeMismatchError(NonRetryable, ValueError):
     """A checkpoint written by N workers is resumed by M != N workers."""
 
 
+# What `Progress.health` counts; every report to Ray carries them, a sweep's score penalises them.
+HEALTH_COUNTS = ("spikes", "rollbacks", "nonfinite_steps", "blowups")
+
+
 @dataclass
 class Progress:
     """Counters that say where a run is. `batch_in_epoch` is the next batch to read."""
@@ -62,8 +66,8 @@ class Progress:
     best_val_loss_mel: float = float("inf")
     best_step: int = -1
     guard: dict[str, Any] = field(default_factory=dict)
-    # How unstable the run has been: spikes, rollbacks, nonfinite steps, blowups (kept through
-    # rollbacks: they describe the whole run, e.g. for a sweep's instability-aware score).
+    # How unstable the run has been, a count per HEALTH_COUNTS key (kept through rollbacks: they
+    # describe the whole run, e.g. for a sweep's instability-aware score).
     health: dict[str, int] = field(default_factory=dict)
 
 

@@ -38,10 +38,13 @@ def failure_config(max_failures: int):
     return ray.train.FailureConfig(max_failures=max_failures)
 
 
-def unwrap_failure(error: BaseException) -> BaseException:
-    """What to tell the user when `fit()` raised: our own error when the controller stopped the
-    run on one, else Ray's (which lists every worker's error)."""
-    failure = getattr(error, "controller_failure", None)
-    if isinstance(failure, RunAbortedError):
-        return failure
-    return error
+def fit(trainer):
+    """`trainer.fit()`; when it fails, our own error if the controller stopped the run on one
+    (`RunAbortedError`, the worker's message), else Ray's (which lists every worker's error)."""
+    try:
+        return trainer.fit()
+    except Exception as err:  # Ray's TrainingFailedError family
+        failure = getattr(err, "controller_failure", None)
+        if isinstance(failure, RunAbortedError):
+            raise failure from None
+        raise

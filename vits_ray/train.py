@@ -327,21 +327,14 @@ def run_training(job: TrainJob, local: bool = False) -> TrainOutcome:
     """Check everything, then train (on Ray, or in this process with `local`); returns where the
     run and its export live. A worker error restarts the workers from the latest checkpoint up to
     `train.max_failures` times; one a restart cannot fix ends the run with `RunAbortedError`."""
-    from vits_ray.recovery import unwrap_failure
+    from vits_ray.recovery import fit
     from vits_ray.storage import open_store
 
     preflight(job)
     if local:
         return run_local(job)
     ensure_ray()
-    trainer = build_trainer(job)
-    try:
-        result = trainer.fit()
-    except Exception as err:  # Ray's TrainingFailedError family; ours when a worker's was not retried
-        cause = unwrap_failure(err)
-        if cause is err:
-            raise
-        raise cause from None
+    result = fit(build_trainer(job))
     step = int((result.metrics or {}).get("step", 0))
     run = open_store(job.storage_uri, job.resolved_config().storage).child(job.name)
     return TrainOutcome(run_uri=run.uri, step=step, export_uri=run.url("export"))

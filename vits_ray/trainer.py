@@ -438,7 +438,7 @@ class Trainer:
         recent = sorted(self.recent_mel)
         return {"step": self.progress.step, "loss_mel_recent": recent[len(recent) // 2] if recent else float("nan"),
                 "val_loss_mel": self.last_val_loss_mel,
-                **{k: self.progress.health.get(k, 0) for k in ("spikes", "rollbacks", "nonfinite_steps", "blowups")}}
+                **{k: self.progress.health.get(k, 0) for k in ckpt_io.HEALTH_COUNTS}}
 
     def _after_validation(self, val: dict[str, Any]) -> None:
         from vits_ray.model import export_coqui

@@ -51,9 +51,10 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, wo
     print(f"[demo] 5/5 sweep: {sweep_trials} trials of the generator learning rate, up to {sweep_steps} steps "
           f"each, one at a time -> {sweeps}/lr", flush=True)
     # A trial whose model blew up fails the same way after a restart: no retries in the demo.
-    sweep = run_sweep(SweepJob(recipe=recipe, overrides=(*overrides, "train.max_failures=0"), space_path=str(RECIPE_DIR / "tune_demo.toml"),
-                               data_uri=str(shards), storage_uri=str(sweeps), name="lr", trials=sweep_trials,
-                               max_steps=sweep_steps, grace_steps=max(1, sweep_steps // 4)))
+    sweep = run_sweep(SweepJob(recipe=recipe, overrides=(*overrides, "train.max_failures=0"),
+                               space_path=str(RECIPE_DIR / "tune_demo.toml"), data_uri=str(shards),
+                               storage_uri=str(sweeps), name="lr", trials=sweep_trials, max_steps=sweep_steps,
+                               grace_steps=max(1, sweep_steps // 4)))
     sweep_report = write_sweep_report(sweep.sweep_uri, out_dir / "sweep-report")
     print(f"[demo] done.\n  shards:  {shards}\n  run:     {outcome.run_uri}\n  export:  {outcome.export_uri}"
           f"\n  report:  {report_path}\n  sweep:   {sweep.sweep_uri} (best recipe: best.toml)"

@@ -21,18 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from vits_ray.checkpoint import HEALTH_COUNTS
 from vits_ray.report.analysis import step_series
 from vits_ray.report.load import ReportError, RunData, load_segments_run
 from vits_ray.report.plots import Figure, Mark, STEP_EVENT_MARKS, _broken, _save, _value_at
 from vits_ray.report.render import Block, Bullets, Heading, Image, Para, Table, _json_safe, fmt, to_html, to_markdown
 from vits_ray.storage import StorageError, open_store
 from vits_ray.tune.score import DIVERGED_SCORE
-from vits_ray.tune.sweep import BEST_FILE, SCORE_COLUMNS, TRIALS_FILE
+from vits_ray.tune.sweep import BEST_FILE, SCORE_COLUMNS, SCORED_COLUMNS, TRIALS_FILE
 
 import matplotlib.pyplot as plt  # noqa: E402  (after plots, which selects the Agg backend)
 
 LOG_SPAN = 20  # a positive parameter spanning more than this factor gets a log axis (and log distribution)
-UNSTABLE_COUNTS = ("spikes", "rollbacks", "nonfinite_steps", "blowups")
 CURVE_EVENTS = ("spike", "rollback", "nonfinite", "blowup")
 LEGEND_MAX = 12  # trials named in a legend or next to their points; more would hide the plot
 ERROR_CHARS = 80
@@ -59,7 +59,7 @@ class Trial:
         self.score = self.numbers["score"]
         self.errored = self.status == "errored"
         self.diverged = not self.errored and self.score >= DIVERGED_SCORE
-        unstable = any(self.numbers[k] > 0 for k in UNSTABLE_COUNTS)  # NaN counts: not unstable
+        unstable = any(self.numbers[k] > 0 for k in HEALTH_COUNTS)  # NaN counts: not unstable
         self.kind = "diverged" if self.diverged else "unstable" if unstable else "clean"
         self.steps = int(self.numbers["steps"]) if math.isfinite(self.numbers["steps"]) else 0
 
@@ -114,7 +114,7 @@ def read_trials(store) -> tuple[list[str], list[Trial]]:
     trials = []
     for lineno, row in enumerate(reader, 2):
         where = f"{name} line {lineno}"
-        numbers = {c: _number(row[c] or "", where, c) for c in SCORE_COLUMNS[2:-1]}
+        numbers = {c: _number(row[c] or "", where, c) for c in SCORED_COLUMNS}
         trials.append(Trial(row["trial_id"], row["status"], numbers, {k: row[k] for k in keys if row.get(k)},
                             row["error"] or ""))
     trials.sort(key=lambda t: (t.errored, t.score if math.isfinite(t.score) else math.inf))
@@ -372,7 +372,7 @@ def _header(sweep: Sweep) -> list[Block]:
 
 def _trials_table(sweep: Sweep) -> list[Block]:
     rows = [[t.id, t.status, _score_text(t), _number_text(t.numbers["loss"]),
-             *(_number_text(t.numbers[k], count=True) for k in (*UNSTABLE_COUNTS, "steps")),
+             *(_number_text(t.numbers[k], count=True) for k in (*HEALTH_COUNTS, "steps")),
              *(t.params.get(k, "–") for k in sweep.keys), _short(t.error)] for t in sweep.trials]
     return [Heading("Trials"),
             Para("By score (lower is better: the mel loss inflated by a penalty per spike, rollback, non-finite step "

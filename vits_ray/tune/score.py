@@ -14,9 +14,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from vits_ray.checkpoint import HEALTH_COUNTS
+
 DIVERGED_SCORE = 1e6
-# Relative penalties: a spike costs a quarter of the loss, a rollback half (it is a confirmed
-# spike that also cost a restore and an LR backoff), a non-finite step a twentieth.
+# Relative penalties, one per HEALTH_COUNTS key: a spike costs a quarter of the loss, a rollback
+# half (it is a confirmed spike that also cost a restore and an LR backoff), a blow-up half, a
+# non-finite step a twentieth.
 PENALTIES = {"spikes": 0.25, "rollbacks": 0.5, "blowups": 0.5, "nonfinite_steps": 0.05}
 
 
@@ -46,7 +49,7 @@ def _finite(value: Any) -> float | None:
 
 def score_metrics(metrics: Mapping[str, Any]) -> TrialScore:
     """Score one report of a trial (`Trainer.health_metrics` plus whatever else it carried)."""
-    counts = {k: int(metrics.get(k, 0) or 0) for k in PENALTIES}
+    counts = {k: int(metrics.get(k, 0) or 0) for k in HEALTH_COUNTS}
     loss = _finite(metrics.get("val_loss_mel"))
     if loss is None:
         loss = _finite(metrics.get("loss_mel_recent"))
@@ -54,7 +57,7 @@ def score_metrics(metrics: Mapping[str, Any]) -> TrialScore:
     if loss is None:
         return TrialScore(DIVERGED_SCORE, float("nan"), float("nan"), counts["spikes"], counts["rollbacks"],
                           counts["nonfinite_steps"], counts["blowups"], steps, True)
-    factor = sum(PENALTIES[k] * counts[k] for k in PENALTIES)
+    factor = sum(PENALTIES[k] * counts[k] for k in HEALTH_COUNTS)
     score = min(loss * (1.0 + factor), DIVERGED_SCORE)
     return TrialScore(score, loss, loss * factor, counts["spikes"], counts["rollbacks"], counts["nonfinite_steps"],
                       counts["blowups"], steps, False)

@@ -16,18 +16,19 @@ import io
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from vits_ray.config import Config, load_config, replace, resolve_recipe_path
+from vits_ray.checkpoint import HEALTH_COUNTS
+from vits_ray.config import RECIPE_DIR, Config, load_config, replace, resolve_recipe_path
 from vits_ray.tune.score import DIVERGED_SCORE, score_metrics
 from vits_ray.tune.space import SearchSpace, as_overrides, load_space
 
 TRIALS_FILE = "trials.csv"
 BEST_FILE = "best.toml"
 STATE_SYNC_SECONDS = 10
-SCORE_COLUMNS = ("trial_id", "status", "score", "loss", "spikes", "rollbacks", "nonfinite_steps", "blowups",
-                 "penalty", "steps", "error")
+# trials.csv: these columns, then one per searched key. SCORED_COLUMNS are TrialScore's numbers.
+SCORED_COLUMNS = ("score", "loss", *HEALTH_COUNTS, "penalty", "steps")
+SCORE_COLUMNS = ("trial_id", "status", *SCORED_COLUMNS, "error")
 
 
 class SweepFailedError(RuntimeError):
@@ -79,18 +80,11 @@ def _run_trial(settings: dict[str, Any], sweep: dict[str, Any]) -> None:
     """Tune's function trainable: one Train run, its reports forwarded to Tune with their score."""
     import ray.tune
 
+    from vits_ray.recovery import fit
     from vits_ray.train import build_trainer
 
-    from vits_ray.recovery import unwrap_failure
-
     job = trial_job(SweepJob(**sweep), dict(settings), ray.tune.get_context().get_trial_id())
-    try:
-        build_trainer(job, callbacks=(_scored_reports_class()(),)).fit()
-    except Exception as err:  # the worker's own error when a restart could not fix it, not Ray's wrapping
-        cause = unwrap_failure(err)
-        if cause is err:
-            raise
-        raise cause from None
+    fit(build_trainer(job, callbacks=(_scored_reports_class()(),)))
 
 
 def _scored_reports_class():
@@ -134,7 +128,7 @@ def _progress_class():
         def _ended(self, trial, error: bool) -> None:
             result = trial.last_result or {}
             step = int(result.get("step", 0) or 0)
-            status = "errored" if error else ("stopped early" if step < self.max_steps else "completed")
+            status = trial_status(error, step, self.max_steps)
             self.ended[trial.trial_id] = status
             if error:
                 self._say(trial, "errored (its message is in trials.csv)")
@@ -142,8 +136,7 @@ def _progress_class():
             scored = score_metrics(result)
             if not scored.diverged and (self.best is None or scored.score < self.best[0]):
                 self.best = (scored.score, trial.trial_id)
-            unstable = ", ".join(f"{getattr(scored, k)} {k}" for k in ("spikes", "rollbacks", "nonfinite_steps",
-                                                                       "blowups") if getattr(scored, k))
+            unstable = ", ".join(f"{getattr(scored, k)} {k}" for k in HEALTH_COUNTS if getattr(scored, k))
             self._say(trial, f"{status} at step {step}: score {scored.score:.4g}"
                              + (f" ({unstable})" if unstable else ""))
 
@@ -156,8 +149,11 @@ def _progress_class():
     return SweepProgress
 
 
-def run_sweep(sweep: SweepJob) -> SweepOutcome:
-    """Run (or resume) the sweep; write trials.csv and best.toml under STORAGE/SWEEP/."""
+def run_sweep(sweep: SweepJob, callbacks: tuple = ()) -> SweepOutcome:
+    """Run (or resume) the sweep; write trials.csv and best.toml under STORAGE/SWEEP/.
+
+    `callbacks`: more `ray.tune.Callback`s for a new sweep (a restored one keeps its saved ones).
+    """
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -189,14 +185,15 @@ def run_sweep(sweep: SweepJob) -> SweepOutcome:
                 scheduler=ASHAScheduler(time_attr="step", max_t=sweep.max_steps + 1, grace_period=grace,
                                         reduction_factor=2)),
             run_config=ray.tune.RunConfig(name=sweep.name, storage_path=root, storage_filesystem=filesystem,
-                                          verbose=0, callbacks=[_progress_class()(sweep.max_steps, space.keys)],
+                                          verbose=0,
+                                          callbacks=[_progress_class()(sweep.max_steps, space.keys), *callbacks],
                                           # Tune uploads the sweep's state (what restore reads) every
                                           # 300 s by default: a sweep killed before that re-runs trials.
                                           sync_config=ray.tune.SyncConfig(sync_period=STATE_SYNC_SECONDS)))
     results = tuner.fit()
     rows = [trial_row(result, space, sweep.max_steps) for result in results]
-    outcome = SweepOutcome(store.child(sweep.name).uri, rows)
     sweep_store = store.child(sweep.name)
+    outcome = SweepOutcome(sweep_store.uri, rows)
     sweep_store.write_bytes(TRIALS_FILE, trials_csv(rows, space).encode("utf-8"))
     finished = [r for r in rows if r["status"] != "errored" and r["score"] < DIVERGED_SCORE]
     if not [r for r in rows if r["status"] != "errored"]:
@@ -214,21 +211,21 @@ def trial_row(result, space: SearchSpace, max_steps: int) -> dict[str, Any]:
     # Tune's folder name: _run_trial_<id>_<n>_<settings>_<date>_<time>; an errored trial may have no metrics.
     named = re.search(r"_run_trial_([0-9a-f]+)_", result.path or "")
     trial_id = metrics.get("trial_id") or (named.group(1) if named else "")
-    if result.error is not None:
-        status = "errored"
-    elif int(metrics.get("step", 0) or 0) < max_steps:
-        status = "stopped early"
-    else:
-        status = "completed"
+    status = trial_status(result.error is not None, int(metrics.get("step", 0) or 0), max_steps)
     row: dict[str, Any] = {"trial_id": trial_id, "status": status, "error": error_summary(result.error)}
     scored = score_metrics(metrics) if metrics else None
-    for column in SCORE_COLUMNS[2:-1]:
+    for column in SCORED_COLUMNS:
         row[column] = getattr(scored, column, float("nan")) if scored else float("nan")
     if scored is None:
         row["score"] = DIVERGED_SCORE
     for key in space.keys:
         row[key] = config.get(key, "")
     return row
+
+
+def trial_status(errored: bool, step: int, max_steps: int) -> str:
+    """How a trial ended: errored, stopped early (by ASHA, before max_steps) or completed."""
+    return "errored" if errored else "stopped early" if step < max_steps else "completed"
 
 
 def error_summary(error: BaseException | None) -> str:
@@ -256,7 +253,7 @@ def best_recipe(sweep: SweepJob, best: dict[str, Any], space: SearchSpace) -> st
     from vits_ray.config import dump_toml, parse_override
 
     recipe = resolve_recipe_path(sweep.recipe).resolve()
-    bundled = recipe.parent == resolve_recipe_path("tiny").resolve().parent
+    bundled = recipe.parent == RECIPE_DIR
     sections: dict[str, dict[str, Any]] = {}
     for text in sweep.overrides:
         section, key, value = parse_override(text)
@@ -270,7 +267,3 @@ def best_recipe(sweep: SweepJob, best: dict[str, Any], space: SearchSpace) -> st
               f"extends = \"{recipe.name if bundled else recipe}\"\n\n")
     return header + dump_toml(sections)
 
-
-def load_trials(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
