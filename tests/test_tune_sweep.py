@@ -254,4 +254,9 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(prepared_demo,
     for trial_id in finished:  # a finished trial's run was started once and never resumed
         assert _resume_markers(s3_uri, f"resumed/trial_{trial_id}") == 1
     assert "resumed/best.toml" in _s3_keys(s3_uri, "resumed/best.toml")
+    # Tune would copy the driver's credentials into each trial's runtime_env, which Ray logs.
+    logs_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    leaked = [p.name for p in logs_dir.rglob("*") if p.is_file() and secret in p.read_bytes()]
+    assert not leaked, f"the S3 secret is in Ray's logs: {leaked}"
 

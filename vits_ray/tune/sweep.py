@@ -26,6 +26,8 @@ from vits_ray.tune.space import SearchSpace, as_overrides, load_space
 TRIALS_FILE = "trials.csv"
 BEST_FILE = "best.toml"
 STATE_SYNC_SECONDS = 10
+CREDENTIAL_ENV_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                                 "AWS_SESSION_TOKEN"})
 # trials.csv: these columns, then one per searched key. SCORED_COLUMNS are TrialScore's numbers.
 SCORED_COLUMNS = ("score", "loss", *HEALTH_COUNTS, "penalty", "steps")
 SCORE_COLUMNS = ("trial_id", "status", *SCORED_COLUMNS, "error")
@@ -149,6 +151,16 @@ def _progress_class():
     return SweepProgress
 
 
+def _keep_credentials_out_of_trials() -> None:
+    """Ray Tune copies the driver's AWS_* credentials into every trial actor's runtime_env, which
+    Ray writes in plain text to runtime_env_agent.log and keeps in the GCS (seen: the secrets test
+    found them there after a sweep). A trial's workers get credentials from their node, as every
+    Ray Train worker does (see `storage.arrow_filesystem`), so take them off Tune's list."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - CREDENTIAL_ENV_VARS
+
+
 def run_sweep(sweep: SweepJob, callbacks: tuple = ()) -> SweepOutcome:
     """Run (or resume) the sweep; write trials.csv and best.toml under STORAGE/SWEEP/.
 
@@ -165,6 +177,7 @@ def run_sweep(sweep: SweepJob, callbacks: tuple = ()) -> SweepOutcome:
     space = load_space(sweep.space_path, base)
     preflight(trial_job(sweep, {}, "preflight"))  # data, storage and config, before any trial
     ensure_ray()
+    _keep_credentials_out_of_trials()
     store = open_store(sweep.storage_uri, base.storage)
     filesystem, root = store.ray_filesystem()
     trainable = ray.tune.with_resources(ray.tune.with_parameters(_run_trial, sweep=asdict(sweep)), {"CPU": 0.01})
