@@ -204,6 +204,69 @@ def report(run, out_dir) -> None:
     click.echo(f"report: {path}")
 
 
+# --- speaking and exporting ---------------------------------------------------------------
+
+MODEL_HELP = ("MODEL is a run (STORAGE/NAME: its export/), an export folder (model.pth + config.json) or an "
+              ".onnx file from `vits-ray export`; local or s3://.")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--text", "texts", multiple=True, help="A sentence to speak (repeatable).")
+@click.option("--file", "text_file", type=click.Path(exists=True, dir_okay=False), help="UTF-8 text, a sentence per line.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the WAVs.")
+@click.option("--speed", default=1.0, show_default=True, help="Speaking rate (> 1 faster).")
+@click.option("--noise-scale", default=0.667, show_default=True, help="Latent noise (0: deterministic).")
+@click.option("--noise-scale-dp", default=1.0, show_default=True, help="Duration predictor noise (0: deterministic).")
+@click.option("--onnx", is_flag=True, help="Run the model with ONNX Runtime (an export folder is exported on the fly).")
+@click.option("--drop-unsupported", is_flag=True,
+              help="Leave out characters the model has no token for (listed), instead of failing.")
+@click.option("--threads", default=0, help="CPU threads (0: torch's default).")
+@click.option("--seed", default=0, show_default=True, help="Seeds the noise (PyTorch only).")
+def synth(model, texts, text_file, out_dir, speed, noise_scale, noise_scale_dp, onnx, drop_unsupported, threads,
+          seed) -> None:
+    """Speak Bangla text with a trained model: 16-bit WAVs at its rate, and the real-time factor.
+
+    Text goes through the same normalisation and vocabulary as training, so numerals are spoken.
+    """
+    from vits_ray.synth import format_summary, read_text_file, speak_lines
+    from vits_ray.voice import Scales, VoiceError, load_voice
+
+    if bool(texts) == bool(text_file):
+        raise click.UsageError("give either --text (repeatable) or --file")
+    try:
+        lines = read_text_file(Path(text_file)) if text_file else list(enumerate(texts, start=1))
+        scales = Scales.for_speed(speed, noise_scale, noise_scale_dp)
+        voice = load_voice(model, onnx=onnx, threads=threads or None)
+        for warning in voice.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        summary = speak_lines(voice, lines, Path(out_dir), scales, drop_unsupported, seed,
+                              origin=text_file or "--text")
+    except VoiceError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(format_summary(summary))
+
+
+@main.command("export")
+@click.argument("model")
+@click.option("--onnx", "onnx_out", required=True, help="Output .onnx file (local or s3://); a .onnx.json sidecar goes beside it.")
+def export_cmd(model, onnx_out) -> None:
+    """Export a trained model's generator to ONNX, checked against PyTorch before it is written."""
+    from vits_ray.onnx_export import ParityError, export_onnx
+    from vits_ray.voice import TorchVoice, VoiceError, load_voice
+
+    try:
+        voice = load_voice(model)
+        if not isinstance(voice, TorchVoice):
+            raise VoiceError(f"{model} is already an ONNX file; export from a run or an export folder")
+        result = export_onnx(voice, onnx_out)
+    except (VoiceError, ParityError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(result.parity.format_text())
+    click.echo(f"onnx: {result.uri} ({result.size_bytes / 1e6:.1f} MB, exported in {result.export_seconds:.1f} s)\n"
+               f"sidecar: {result.sidecar_uri}")
+
+
 # --- the demo -----------------------------------------------------------------------------
 
 @main.command()

@@ -197,8 +197,24 @@ def warm_start(model: "Vits", checkpoint_path: Path, config_path: Path | None) -
 
 # --- export -------------------------------------------------------------------------------
 
-def export_coqui(model: "Vits", config: Config, vocab: "Vocabulary", out_dir: Path, step: int) -> Path:
-    """Write `model.pth` and `config.json` in Coqui's own format (Coqui's Synthesizer loads them)."""
+# What the export's config.json says about its input text, under a key Coqui ignores (Coqpit reads
+# only its own fields): Coqui's Synthesizer has no Bangla normaliser (`text_cleaner` is unset), so it
+# reads "১২৩" as nothing and drops every character outside the vocabulary with a log line.
+TEXT_PREPARATION = (
+    "Text must go through vits-ray's Bangla front-end before tokenizing (vits_ray.text.normalize_text: "
+    "Unicode NFC, numbers, dates, times and currency spelled out in Bangladeshi usage, abbreviations "
+    "expanded), exactly as the training text was. `vits-ray synth MODEL --text ...` does this and refuses "
+    "characters the vocabulary lacks; Coqui's own Synthesizer/tts CLI does no normalisation and silently "
+    "drops unknown characters (digits included), so give it text already normalised.")
+EXPORT_FILES = ("model.pth", "config.json", "vocab.json")
+
+
+def export_coqui(model: "Vits", config: Config, vocab: "Vocabulary", out_dir: Path, step: int,
+                 normalizer_version: int | None = None) -> Path:
+    """Write `model.pth` and `config.json` in Coqui's own format (Coqui's Synthesizer loads them), and
+    our `vocab.json` beside them; config.json also states how text must be prepared."""
+    from vits_ray.text import NORMALIZER_VERSION
+
     out_dir.mkdir(parents=True, exist_ok=True)
     vits_config = coqui_config(config, vocab)
     state = {"model": model.state_dict(), "config": vits_config.to_dict(), "step": step, "model_type": "vits"}
@@ -206,5 +222,13 @@ def export_coqui(model: "Vits", config: Config, vocab: "Vocabulary", out_dir: Pa
     tmp = out_dir / "model.pth.tmp"
     torch.save(state, tmp)
     tmp.replace(out_dir / "model.pth")
-    vits_config.save_json(str(out_dir / "config.json"))
+    coqui_json = vits_config.to_dict()
+    coqui_json["vits_ray"] = {
+        "text_preparation": TEXT_PREPARATION,
+        "normalizer_version": normalizer_version if normalizer_version is not None else NORMALIZER_VERSION,
+        "vocabulary_file": "vocab.json",
+        "step": step,
+    }
+    (out_dir / "config.json").write_text(json.dumps(coqui_json, indent=4, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "vocab.json").write_text(vocab.to_json(), encoding="utf-8")
     return out_dir

@@ -202,7 +202,8 @@ def _export_final(trainer) -> None:
             run_store.download_dir("best", tmp)
             source = f"best model (step {progress.best_step}, val mel loss {progress.best_val_loss_mel:.3f})"
         else:
-            export_coqui(trainer.model, trainer.cfg, trainer.vocab, Path(tmp), progress.step)
+            export_coqui(trainer.model, trainer.cfg, trainer.vocab, Path(tmp), progress.step,
+                         trainer.manifest.get("normalizer_version"))
             source = f"final weights (step {progress.step}; no validation has run)"
         run_store.upload_dir(tmp, "export")
     say(f"[vits-ray] exported {source} to {run_store.url('export')}")

@@ -449,7 +449,8 @@ class Trainer:
             self.progress.best_val_loss_mel, self.progress.best_step = val["val_loss_mel"], self.progress.step
             if self.rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
-                    export_coqui(self.model, self.cfg, self.vocab, Path(tmp), self.progress.step)
+                    export_coqui(self.model, self.cfg, self.vocab, Path(tmp), self.progress.step,
+                                 self.manifest.get("normalizer_version"))
                     self.run_store.upload_dir(tmp, "best")
 
     # --- the loop -----------------------------------------------------------------------------

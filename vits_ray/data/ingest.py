@@ -273,7 +273,7 @@ def _write_output(store: Store, accepted: list[_Accepted], split_of: dict[str, s
 def prepare_corpus(input_dir: Path, fmt: str, output_uri: str, config: Config,
                    progress: bool = True) -> PrepareSummary:
     """Validate `input_dir` (a corpus in format `fmt`) and write shards + manifest to `output_uri`."""
-    from vits_ray.text import Vocabulary
+    from vits_ray.text import NORMALIZER_VERSION, Vocabulary
 
     started = time.perf_counter()
     input_dir = Path(input_dir)
@@ -302,6 +302,7 @@ def prepare_corpus(input_dir: Path, fmt: str, output_uri: str, config: Config,
             "format_version": shards.FORMAT_VERSION,
             "sample_rate": config.audio.sample_rate,
             "vocab": vocab.to_dict(),
+            "normalizer_version": NORMALIZER_VERSION,
             "speakers": sorted({u.speaker for u in accepted}),
             "num_utterances": len(accepted),
             "num_rejected": len(rejections),

@@ -17,6 +17,10 @@ from functools import lru_cache
 
 from bnnumerizer.words import numeric_words
 
+# Bumped whenever `normalize_text` writes any sentence differently: a model only speaks text
+# prepared the way its training text was, so exports and ONNX files carry the version they need.
+NORMALIZER_VERSION = 1
+
 
 def _nfc(s: str) -> str:
     return unicodedata.normalize("NFC", s)
