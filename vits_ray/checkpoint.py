@@ -64,6 +64,8 @@ class Progress:
     batch_in_epoch: int = 0
     first_epoch: int = 0  # where this run began (a continued Coqui run starts at its epoch)
     best_val_loss_mel: float = float("inf")
+    # With eval.every_steps, the best model is the one with the lowest training-time MCD.
+    best_mcd_dtw_db: float = float("inf")
     best_step: int = -1
     guard: dict[str, Any] = field(default_factory=dict)
     # How unstable the run has been, a count per HEALTH_COUNTS key (kept through rollbacks: they

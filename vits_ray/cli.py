@@ -267,6 +267,49 @@ def export_cmd(model, onnx_out) -> None:
                f"sidecar: {result.sidecar_uri}")
 
 
+@main.command()
+@click.argument("model", required=False)
+@click.option("--data", default=None, help="A `prepare` output whose held-out split is spoken and compared.")
+@click.option("--split", default="val", show_default=True, help="Which split of --data.")
+@click.option("--max-utterances", default=50, show_default=True, help="The first N of the split, by id (0: all).")
+@click.option("--reference", "reference_dir", type=click.Path(exists=True, file_okay=False),
+              help="Instead of MODEL: a folder of reference WAVs ...")
+@click.option("--synthesized", "synthesized_dir", type=click.Path(exists=True, file_okay=False),
+              help="... and a folder of WAVs to score against them, matched by file name.")
+@click.option("--out", "out_dir", required=True, help="Output folder (local or s3://): eval.csv, eval.json, samples/.")
+@click.option("--onnx/--no-onnx", default=True, show_default=True,
+              help="Also time ONNX Runtime on a parity-checked export of MODEL.")
+@click.option("--threads", default=0, help="CPU threads for synthesis (0: torch's default).")
+@click.option("--samples", default=3, show_default=True, help="Synthesised/reference WAV pairs kept in samples/.")
+def evaluate(model, data, split, max_utterances, reference_dir, synthesized_dir, out_dir, onnx, threads, samples) -> None:
+    """Objective quality: MCD-DTW, log-F0 RMSE, voicing error, duration ratio and real-time factor.
+
+    Either MODEL --data SHARDS (the model speaks each held-out utterance's text, compared with its
+    recording) or --reference DIR --synthesized DIR (any system's WAVs against recordings).
+    """
+    from vits_ray.evaluate.pipeline import EvaluationError, evaluate_folders, evaluate_model
+    from vits_ray.onnx_export import ParityError
+    from vits_ray.voice import VoiceError
+
+    folders = bool(reference_dir or synthesized_dir)
+    if folders and (model or data):
+        raise click.UsageError("give MODEL --data, or --reference and --synthesized, not both")
+    if folders and not (reference_dir and synthesized_dir):
+        raise click.UsageError("--reference and --synthesized go together")
+    if not folders and not (model and data):
+        raise click.UsageError("give MODEL and --data SHARDS (or --reference DIR --synthesized DIR)")
+    try:
+        if folders:
+            evaluation = evaluate_folders(Path(reference_dir), Path(synthesized_dir), out_dir, samples)
+        else:
+            evaluation = evaluate_model(model, data, out_dir, split, max_utterances, onnx, threads, samples,
+                                        progress=click.echo)
+    except (EvaluationError, VoiceError, ParityError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(evaluation.format_text())
+    click.echo(f"eval: {out_dir.rstrip('/')}/eval.json")
+
+
 # --- the demo -----------------------------------------------------------------------------
 
 @main.command()

@@ -277,6 +277,19 @@ class StabilityConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Objective quality measured during training on a fixed few val utterances (MCD-DTW, F0 RMSE,
+    voicing error, duration ratio; see vits_ray.evaluate). When on, `best/` is chosen by MCD."""
+
+    every_steps: int = 0  # 0: off
+    utterances: int = 4  # the first N of the val split by id, shared out over the ranks
+
+    def validate(self, prefix: str) -> None:
+        _check(self.every_steps >= 0, f"{prefix}.every_steps", "must be >= 0 (0: off)")
+        _check(self.utterances >= 1, f"{prefix}.utterances", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -286,6 +299,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         for section in dataclasses.fields(self):
@@ -491,7 +505,7 @@ RESUMABLE_KEYS = frozenset({
     "train.val_step", "train.val_batches", "data.cache_dir", "data.prefetch_shards",
     "storage.endpoint_url", "storage.region", "storage.retry_seconds", "storage.retry_initial_seconds",
     "storage.retry_max_backoff_seconds", "train.max_failures",
-    "data.cache_max_gb",
+    "data.cache_max_gb", "eval.every_steps", "eval.utterances",
 })
 
 

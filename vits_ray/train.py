@@ -200,7 +200,9 @@ def _export_final(trainer) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if run_store.exists("best/model.pth"):
             run_store.download_dir("best", tmp)
-            source = f"best model (step {progress.best_step}, val mel loss {progress.best_val_loss_mel:.3f})"
+            chosen_by = (f"MCD {progress.best_mcd_dtw_db:.2f} dB" if trainer.quality_probe is not None
+                         else f"val mel loss {progress.best_val_loss_mel:.3f}")
+            source = f"best model (step {progress.best_step}, {chosen_by})"
         else:
             export_coqui(trainer.model, trainer.cfg, trainer.vocab, Path(tmp), progress.step,
                          trainer.manifest.get("normalizer_version"))
@@ -231,6 +233,9 @@ def preflight(job: TrainJob) -> dict[str, Any]:
         manifest = read_manifest(open_store(job.data_uri, quick))
     except (StorageError, ValueError, OSError) as err:
         raise TrainSetupError(f"cannot read the data at {job.data_uri}: {err}") from err
+    if cfg.eval.every_steps and not any(s["split"] == "val" for s in manifest["shards"]):
+        raise TrainSetupError(f"{job.data_uri} has no val split for eval.every_steps to measure quality on; "
+                              "prepare it with data.val_fraction > 0, or set eval.every_steps=0")
     if manifest.get("sample_rate") != cfg.audio.sample_rate:
         raise TrainSetupError(f"{job.data_uri}: prepared at {manifest.get('sample_rate')} Hz but "
                               f"audio.sample_rate is {cfg.audio.sample_rate}")

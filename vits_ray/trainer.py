@@ -156,6 +156,7 @@ class Trainer:
             self._announce(resumed)
             self._report_skipped_checkpoints()
         self.reader, self.val_reader = self._build_readers()
+        self.quality_probe = self._build_quality_probe()
         self.max_steps = job.max_steps or cfg.train.max_steps
         self.drills = {d.step: d.kind for d in job.drills}
         self.spike_drill_until = -1
@@ -210,6 +211,16 @@ class Trainer:
             val = ShardReader(self.data_store, self.manifest, "val", self.rank, self.world_size, prefetch=0,
                               allow_fewer_batches_than_ranks=True, **common)
         return train, val
+
+    def _build_quality_probe(self):
+        """Training-time quality (eval.every_steps), when on and there is a val split."""
+        from vits_ray.evaluate.probe import QualityProbe
+
+        cfg = self.cfg
+        if not cfg.eval.every_steps or self.val_reader is None:
+            return None
+        return QualityProbe(self.data_store, self.manifest, self.vocab, cfg.eval.utterances, self.rank,
+                            self.world_size, cfg.train.seed)
 
     def _restore_latest(self) -> bool:
         with self.session.latest_checkpoint() as directory:
@@ -371,6 +382,7 @@ class Trainer:
         # after the guard has seen every step before it.
         return (step % cfg.train.log_step == 0 or step % cfg.train.save_step == 0
                 or step % cfg.stability.unstable_save_step == 0 or step % cfg.train.val_step == 0
+                or (bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0)
                 or (bool(self.max_steps) and step >= self.max_steps))
 
     def sync(self) -> bool:
@@ -441,17 +453,40 @@ class Trainer:
                 **{k: self.progress.health.get(k, 0) for k in ckpt_io.HEALTH_COUNTS}}
 
     def _after_validation(self, val: dict[str, Any]) -> None:
-        from vits_ray.model import export_coqui
-
         self.logger.log(val)
         self.last_val_loss_mel = val["val_loss_mel"]
-        if val["val_loss_mel"] < self.progress.best_val_loss_mel:  # the same numbers on every rank
-            self.progress.best_val_loss_mel, self.progress.best_step = val["val_loss_mel"], self.progress.step
-            if self.rank == 0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    export_coqui(self.model, self.cfg, self.vocab, Path(tmp), self.progress.step,
-                                 self.manifest.get("normalizer_version"))
-                    self.run_store.upload_dir(tmp, "best")
+        if self.quality_probe is None:  # else the best model is chosen by measured quality
+            self._consider_best("best_val_loss_mel", val["val_loss_mel"])
+
+    def measure_quality(self) -> dict[str, Any]:
+        """The `quality` record: every rank speaks its share of the fixed utterances; one all-reduce."""
+        from vits_ray.evaluate.probe import quality_record
+
+        totals = self.comm.all_reduce_sum(self.quality_probe.measure(self.model, self.device)).cpu().tolist()
+        record = quality_record(totals, self.progress.step, self.progress.epoch)
+        self.logger.log(record)
+        if self.rank == 0 and not self.job.quiet:
+            say(f"[vits-ray] step {record['step']} quality on {record['utterances']} val utterance(s): "
+                f"MCD {record['mcd_dtw_db']:.2f} dB, F0 RMSE {record['f0_rmse_cents']:.0f} cents, "
+                f"voicing error {record['vuv_error']:.2f}, duration ratio {record['duration_ratio']:.2f}"
+                + (f", {record['failed']} failed" if record["failed"] else ""))
+        if math.isfinite(record["mcd_dtw_db"]):
+            self._consider_best("best_mcd_dtw_db", record["mcd_dtw_db"])
+        return record
+
+    def _consider_best(self, field: str, value: float) -> None:
+        """A new best (the same numbers on every rank) replaces `best/` (rank 0 writes it)."""
+        from vits_ray.model import export_coqui
+
+        if not value < getattr(self.progress, field):
+            return
+        setattr(self.progress, field, value)
+        self.progress.best_step = self.progress.step
+        if self.rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                export_coqui(self.model, self.cfg, self.vocab, Path(tmp), self.progress.step,
+                             self.manifest.get("normalizer_version"))
+                self.run_store.upload_dir(tmp, "best")
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -482,6 +517,8 @@ class Trainer:
                     return False
                 if val is not None:
                     self._after_validation(val)
+            if self.quality_probe is not None and step % self.cfg.eval.every_steps == 0:
+                self.measure_quality()
             if self.guard.should_save(step) or self.finished():
                 self.save({k: self.last_record[k] for k in ("loss_0", "loss_1")})
             if self.finished():
