@@ -1,0 +1,1 @@
+"""Objective evaluation of synthesised speech against reference recordings."""
