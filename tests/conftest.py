@@ -91,3 +91,19 @@ def ray_local(s3_server):
              configure_logging=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_run(prepared_demo, tmp_path_factory) -> Path:
+    """A tiny model trained 4 steps in this process (`--local`), measuring its quality every 2 steps:
+    a run folder with records, quality records, best/ and export/, for the synthesis, export,
+    evaluation and report tests."""
+    from vits_ray.config import load_config
+    from vits_ray.train import TrainJob, run_training
+
+    cfg = load_config("tiny", ["train.batch_size=2", "train.save_step=2", "train.val_step=2",
+                               "eval.every_steps=2", "eval.utterances=2"])
+    storage = tmp_path_factory.mktemp("trained")
+    run_training(TrainJob(config=cfg.to_dict(), data_uri=str(prepared_demo), storage_uri=str(storage), name="voice",
+                          max_steps=4), local=True)
+    return storage / "voice"

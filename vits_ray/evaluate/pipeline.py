@@ -127,6 +127,14 @@ def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
     return audio if rate == target else soxr.resample(audio, rate, target, quality="VHQ").astype(np.float32)
 
 
+def at_common_rate(reference: np.ndarray, reference_rate: int, candidate: np.ndarray,
+                   candidate_rate: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Both signals at the lower of their two rates: a band one of them cannot carry would otherwise
+    be scored as distortion (an empty band's log amplitude dominates the cepstral distance)."""
+    rate = min(reference_rate, candidate_rate)
+    return resample(reference, reference_rate, rate), resample(candidate, candidate_rate, rate), rate
+
+
 # --- a model against held-out recordings -------------------------------------------------
 
 def evaluate_model(model: str, data: str, out: str, split: str = "val", max_utterances: int = 50,
@@ -169,7 +177,6 @@ def evaluate_model(model: str, data: str, out: str, split: str = "val", max_utte
         except VoiceError as err:
             row.error = str(err)
             continue
-        reference = resample(utterance.audio, utterance.sample_rate, voice.sample_rate)
         for runtime in runtimes:
             if runtime.backend not in warmed:  # the first call pays for allocations: not timed
                 runtime.synthesize(tokens, scales)
@@ -179,16 +186,18 @@ def evaluate_model(model: str, data: str, out: str, split: str = "val", max_utte
             setattr(row, f"rtf_{runtime.backend}", seconds / max(len(audio) / voice.sample_rate, 1e-9))
             if runtime is voice:
                 synthesized = audio
-        score_row(row, reference, synthesized, voice.sample_rate, settings)
+        reference, synthesized, rate = at_common_rate(utterance.audio, utterance.sample_rate, synthesized,
+                                                      voice.sample_rate)
+        score_row(row, reference, synthesized, rate, settings)
         if not row.error and len(audio_of) < samples:
-            audio_of[row.id] = (reference, synthesized)
+            audio_of[row.id] = (reference, synthesized, rate)
         progress(f"[evaluate] {index + 1}/{len(utterances)} {row.id}: "
                  + (f"failed: {row.error}" if row.error else f"MCD {row.mcd_dtw_db:.2f} dB, F0 {row.f0_rmse_cents:.0f} cents"))
     about = {"model": voice.source, "model_step": voice.step, "backend": voice.backend, "data": data, "split": split,
              "scales": asdict(scales), "seed": seed, "rtf_threads": voice.threads, "method": settings.describe(),
-             "sample_rate": voice.sample_rate}
+             "sample_rate": min(voice.sample_rate, utterances[0].sample_rate) if utterances else voice.sample_rate}
     evaluation = Evaluation(rows, about)
-    write_evaluation(evaluation, out, audio_of, voice.sample_rate, storage_cfg)
+    write_evaluation(evaluation, out, audio_of, storage_cfg)
     return evaluation
 
 
@@ -214,7 +223,7 @@ def evaluate_folders(reference_dir: Path, synthesized_dir: Path, out: str, sampl
     if not matched:
         raise EvaluationError(f"no WAV file name is in both {reference_dir} ({len(references)} WAVs) and "
                               f"{synthesized_dir} ({len(synthesized)} WAVs)")
-    rows, audio_of, rates = [], {}, set()
+    rows, audio_of = [], {}
     for name in matched:
         row = EvalRow(id=Path(name).stem)
         rows.append(row)
@@ -224,16 +233,16 @@ def evaluate_folders(reference_dir: Path, synthesized_dir: Path, out: str, sampl
         except ValueError as err:
             row.error = str(err)
             continue
-        rates.add(rate)
-        candidate = resample(candidate, candidate_rate, rate)
+        reference, candidate, rate = at_common_rate(reference, rate, candidate, candidate_rate)
         score_row(row, reference, candidate, rate, settings)
         if not row.error and len(audio_of) < samples:
-            audio_of[row.id] = (reference, candidate)
+            audio_of[row.id] = (reference, candidate, rate)
     about = {"reference": str(reference_dir), "synthesized": str(synthesized_dir), "method": settings.describe(),
+             "rates": "each pair compared at the lower of its two sample rates",
              "unmatched_reference": sorted(set(references) - set(synthesized)),
              "unmatched_synthesized": sorted(set(synthesized) - set(references))}
     evaluation = Evaluation(rows, about)
-    write_evaluation(evaluation, out, audio_of, min(rates) if len(rates) == 1 else 0, storage_cfg)
+    write_evaluation(evaluation, out, audio_of, storage_cfg)
     return evaluation
 
 
@@ -243,8 +252,8 @@ def _csv_value(value: Any) -> Any:
     return "" if isinstance(value, float) and math.isnan(value) else value
 
 
-def write_evaluation(evaluation: Evaluation, out: str, audio_of: dict[str, tuple[np.ndarray, np.ndarray]],
-                     sample_rate: int, storage_cfg=None) -> None:
+def write_evaluation(evaluation: Evaluation, out: str, audio_of: dict[str, tuple[np.ndarray, np.ndarray, int]],
+                     storage_cfg=None) -> None:
     """eval.csv, samples/ and, last, eval.json under `out` (local folder or s3://)."""
     import soundfile as sf
 
@@ -262,7 +271,7 @@ def write_evaluation(evaluation: Evaluation, out: str, audio_of: dict[str, tuple
             writer.writerow({k: _csv_value(v) for k, v in asdict(row).items()})
         (folder / EVAL_CSV).write_text(text.getvalue(), encoding="utf-8")
         texts = {r.id: r.text for r in evaluation.rows}
-        for uid, (reference, synthesized) in audio_of.items():
+        for uid, (reference, synthesized, sample_rate) in audio_of.items():
             (folder / SAMPLES_DIR).mkdir(exist_ok=True)
             for suffix, audio in (("ref", reference), ("syn", synthesized)):
                 sf.write(folder / SAMPLES_DIR / f"{uid}.{suffix}.wav", pcm16(audio), sample_rate, subtype="PCM_16")
