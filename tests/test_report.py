@@ -193,7 +193,8 @@ def test_quality_records_are_reported_when_present(tmp_path):
                                                          "utmos": 3.21, "cer": 0.12}])
     md = write_report(str(run), tmp_path / "out").read_text()
     assert "No quality metric" not in md
-    assert "| utmos | 3.21 | 3.21 | 1 |" in md
+    # A metric without a known unit, and no MCD to pick a best evaluation by.
+    assert "| utmos | – | 3.21 | 3.21 | – | 1 |" in md
 
 
 def test_events_file_absent_versus_empty(tmp_path):

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 from vits_ray.config import StabilityConfig
 from vits_ray.report.load import RunData, finite
+from vits_ray.report.quality import Evaluation, QualityTrend, evaluation_json, quality_trend
 from vits_ray.stability import find_spikes, per_epoch_config
 
 MAD_TO_SIGMA = 1.4826
@@ -55,8 +56,8 @@ class Series:
     per: str  # "epoch" or "step"
     xs: list[int]  # epoch numbers or step numbers
     values: list[float]
-    steps: list[int]
-    epochs: list[int]
+    steps: list[Optional[int]]  # None where a record has no step (a table of epochs, say)
+    epochs: list[Optional[int]]
 
 
 @dataclass
@@ -125,6 +126,10 @@ class PhaseAnalysis:
 
 # --- series ------------------------------------------------------------------------------
 
+def _int_or_none(x: Any) -> Optional[int]:
+    return int(x) if finite(x) else None
+
+
 def _series_from(records: list[dict[str, Any]], name: str, key: str, per: str) -> Optional[Series]:
     rows = [r for r in records if key in r and isinstance(r[key], (int, float))]
     if not rows:
@@ -132,8 +137,8 @@ def _series_from(records: list[dict[str, Any]], name: str, key: str, per: str) -
     return Series(name=name, key=key, per=per,
                   xs=[int(r.get(per, i)) for i, r in enumerate(rows)],
                   values=[float(r[key]) for r in rows],
-                  steps=[int(r.get("step", -1)) for r in rows],
-                  epochs=[int(r.get("epoch", -1)) for r in rows])
+                  steps=[_int_or_none(r.get("step")) for r in rows],
+                  epochs=[_int_or_none(r.get("epoch")) for r in rows])
 
 
 def metric_series(run: RunData, name: str) -> Optional[Series]:
@@ -445,6 +450,8 @@ class Analysis:
     timing: Optional[Timing]
     amp: Optional[AmpScale]
     per_epoch: bool  # the key losses come from epoch records
+    quality: Optional[QualityTrend] = None  # from the run's quality records
+    evaluation: Optional[Evaluation] = None  # from an eval.json beside the run
 
     def to_json(self) -> dict[str, Any]:
         r = self.run
@@ -459,15 +466,21 @@ class Analysis:
             "timing": asdict(self.timing) if self.timing else None,
             "amp_scale": asdict(self.amp) if self.amp else None,
             "events": r.events, "events_origin": r.events_origin,
-            "vals": r.vals, "quality": r.quality, "warnings": r.warnings,
+            "vals": r.vals, "warnings": r.warnings,
+            "quality": {"records": r.quality,
+                        "trend": None if self.quality is None else {
+                            "x": self.quality.x_key, "metrics": self.quality.metrics, "first": self.quality.first,
+                            "last": self.quality.last, "best": self.quality.best},
+                        "evaluation": None if self.evaluation is None else evaluation_json(self.evaluation)},
         }
 
 
-def analyse(run: RunData, cfg: Optional[StabilityConfig] = None) -> Analysis:
+def analyse(run: RunData, cfg: Optional[StabilityConfig] = None, evaluation: Optional[Evaluation] = None) -> Analysis:
     phases = []
     for name in PHASE_METRICS:
         series = metric_series(run, name)
         if series is not None:
             phases.append(analyse_phases(series, cfg))
     return Analysis(run=run, summaries=summary_table(run), phases=phases, balance=balance(run),
-                    timing=timing(run), amp=amp_scale(run), per_epoch=bool(run.epochs))
+                    timing=timing(run), amp=amp_scale(run), per_epoch=bool(run.epochs),
+                    quality=quality_trend(run.quality), evaluation=evaluation)

@@ -10,6 +10,8 @@ Decisions worth knowing:
   other unparsable line is a `ReportError` naming the file and line: a damaged middle means the
   file cannot be trusted.
 - A file with no step and no epoch records is a `ReportError`: there is nothing to analyse.
+- A record without `kind` (an exported table) is sorted by its fields (see `kinds`); one that matches
+  no record shape, or several, is left out and named with its file and line in the warnings.
 - The old `RunLogger.event` also copied each event into metrics.jsonl as `{"kind": "event", "event":
   <kind>}`; events.jsonl, when present, is the authoritative list and those copies are not counted twice.
 - A run with segments is read by `runlog.read_records`, which applies its resume and rollback
@@ -25,6 +27,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from vits_ray.report.kinds import as_epoch_record, describe_keys, shapes_of
 
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
@@ -58,6 +62,11 @@ class RunData:
 
 def parse_jsonl(text: str, name: str, warnings: list[str]) -> list[dict[str, Any]]:
     """Records of a JSON-lines file; see the module docstring for torn and bad lines."""
+    return [record for _, record in parse_jsonl_numbered(text, name, warnings)]
+
+
+def parse_jsonl_numbered(text: str, name: str, warnings: list[str]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a JSON-lines file, so later complaints can name the line."""
     lines = text.splitlines()
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
@@ -77,7 +86,7 @@ def parse_jsonl(text: str, name: str, warnings: list[str]) -> list[dict[str, Any
                               f"so the file cannot be trusted") from None
         if not isinstance(record, dict):
             raise ReportError(f"{name} line {lineno}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+        records.append((lineno, record))
     return records
 
 
@@ -88,13 +97,28 @@ def _float(x: Any) -> Any:
     return x
 
 
-def _split_records(records: list[dict[str, Any]], name: str, run: RunData) -> list[dict[str, Any]]:
-    """Sort records by kind into `run`; returns the event copies found in the metrics file."""
+def _split_records(records: list[dict[str, Any]], name: str, run: RunData,
+                   line_numbers: Optional[list[int]] = None) -> list[dict[str, Any]]:
+    """Sort records by kind into `run`; returns the event copies found in the metrics file.
+
+    `line_numbers` (one per record) name the lines of records that cannot be sorted; without them
+    (a stream of segments) they are named by their position in the stream."""
     event_copies = []
     rolled_back = 0
     unknown: dict[str, int] = {}
-    for record in records:
+    inferred: dict[str, int] = {}
+    renamed = 0  # kind-less epoch rows whose plain loss_* fields were read as avg_loss_*
+    unsorted: list[str] = []  # kind-less records matching no shape, or several
+    for i, record in enumerate(records):
         kind = record.get("kind")
+        if kind is None and not record.get("rolled_back"):
+            where = f"line {line_numbers[i]}" if line_numbers else f"record {i + 1}"
+            original = record
+            kind, record = _infer_kind(record, where, unsorted)
+            if kind is None:
+                continue
+            inferred[kind] = inferred.get(kind, 0) + 1
+            renamed += kind == "epoch" and bool(set(record) - set(original) - {"kind"})
         if record.get("rolled_back"):
             rolled_back += 1  # a timeline abandoned by a rollback: the events tell its story
         elif kind == "step":
@@ -120,10 +144,39 @@ def _split_records(records: list[dict[str, Any]], name: str, run: RunData) -> li
     if unknown:
         run.warnings.append(f"{name}: ignored records of unknown kind: "
                             + ", ".join(f"{k} ({n})" for k, n in sorted(unknown.items())))
+    if inferred:
+        run.warnings.append(f"{name}: {sum(inferred.values())} record(s) carry no `kind`; read by their fields as "
+                            + ", ".join(f"{k} ({n})" for k, n in sorted(inferred.items()))
+                            + (f"; {renamed} epoch row(s) name their averages plainly (loss_1, ...), read as "
+                               "avg_loss_1, ..." if renamed else ""))
+    if unsorted:
+        shown = unsorted[:UNSORTED_SHOWN]
+        more = len(unsorted) - len(shown)
+        run.warnings.append(f"{name}: {len(unsorted)} record(s) without `kind` left out, their fields matching no "
+                            "record shape or several: " + "; ".join(shown) + (f"; and {more} more" if more else ""))
     if not run.steps and not run.epochs:
-        raise ReportError(f"{name} has no step or epoch records ({len(records)} records of other kinds); "
+        hint = f"; {len(unsorted)} without `kind` match no record shape ({unsorted[0]})" if unsorted else ""
+        raise ReportError(f"{name} has no step or epoch records ({len(records)} records of other kinds{hint}); "
                           "nothing to analyse")
     return event_copies
+
+
+UNSORTED_SHOWN = 5  # kind-less records named one by one in the warning; the rest are counted
+
+
+def _infer_kind(record: dict[str, Any], where: str, unsorted: list[str]) -> tuple[Optional[str], dict[str, Any]]:
+    """The kind of a record without one, from its fields (see `kinds`); None (and a note in
+    `unsorted`) when they match no shape or more than one."""
+    shapes = shapes_of(record)
+    if len(shapes) == 1:
+        kind = shapes[0]
+        return kind, as_epoch_record(record) if kind == "epoch" else {**record, "kind": kind}
+    if shapes:
+        unsorted.append(f"{where} has the fields of {' and '.join(shapes)} records ({describe_keys(record)}); "
+                        "add a `kind` to say which")
+    else:
+        unsorted.append(f"{where} ({describe_keys(record)})")
+    return None, record
 
 
 def _events_from(text: str, name: str, run: RunData) -> list[dict[str, Any]]:
@@ -135,7 +188,8 @@ def _events_from(text: str, name: str, run: RunData) -> list[dict[str, Any]]:
 def load_jsonl_run(metrics_text: str, metrics_name: str, events_text: Optional[str],
                    events_name: str) -> RunData:
     run = RunData(source=metrics_name, origin="vits-ray")
-    copies = _split_records(parse_jsonl(metrics_text, metrics_name, run.warnings), metrics_name, run)
+    numbered = parse_jsonl_numbered(metrics_text, metrics_name, run.warnings)
+    copies = _split_records([r for _, r in numbered], metrics_name, run, [n for n, _ in numbered])
     if events_text is not None:
         run.events = _events_from(events_text, events_name, run)
         run.events_origin = events_name

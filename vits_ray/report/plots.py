@@ -18,7 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from vits_ray.report.analysis import Analysis, PhaseAnalysis, Series, epoch_of_step, metric_series, step_series  # noqa: E402
 from vits_ray.report.load import RunData, finite  # noqa: E402
+from vits_ray.report.quality import LABELS, UNITS, QualityTrend, metric_values  # noqa: E402
 
+QUALITY_PLOT = "quality.png"
 STEP_EVENT_MARKS = {"spike": ("v", "tab:red"), "nonfinite": ("x", "black"), "amp_collapse": ("s", "tab:purple"),
                     "rollback": ("o", "tab:orange"), "lr_backoff": ("^", "tab:green"),
                     "blowup": ("*", "tab:brown")}
@@ -154,6 +156,44 @@ def plot_panels(panels: Sequence[tuple[str, Series]], path: Path, title: str, lo
     return Figure(path=path, title=title, marks=marks)
 
 
+def plot_quality(trend: QualityTrend, records: Sequence[dict], path: Path) -> Figure:
+    """Each measured quality metric over training, one panel each, points joined (evaluations are
+    sparse, and a single one must still show); the lowest MCD is marked, and so is each evaluation
+    that scored nothing (a dotted line: a gap alone would hide that it happened)."""
+    n = len(trend.metrics)
+    cols = 2 if n > 1 else 1
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(10, 3 * rows), squeeze=False)
+    marks: list[Mark] = []
+    for i, key in enumerate(trend.metrics):
+        ax = axes[i // cols][i % cols]
+        values = metric_values(list(records), key)
+        ax.plot(trend.xs, values, marker="o", ms=4, lw=1.0)
+        unscored = [x for x, v in zip(trend.xs, values) if not math.isfinite(v)]
+        for j, x in enumerate(unscored):
+            ax.axvline(x, color="gray", ls=":", lw=1, label="not scored" if j == 0 else None)
+        if unscored:
+            ax.legend(fontsize=7, loc="upper right")
+        if key == "mcd_dtw_db":
+            marks += [Mark("unscored", x, math.nan, f"no MCD at {trend.x_key} {x:g}") for x in unscored]
+            if trend.best_index is not None:
+                x, y = trend.xs[trend.best_index], float(records[trend.best_index][key])
+                ax.plot([x], [y], marker="*", color="tab:green", ms=12, ls="none")
+                ax.annotate(f"lowest {y:.2f}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8,
+                            color="tab:green")
+                marks.append(Mark("best", x, y, f"lowest MCD {y:.2f} dB at {trend.x_key} {x:g}"))
+        unit = UNITS.get(key)
+        ax.set_title(f"{LABELS.get(key, key)}" + (f" ({unit})" if unit else ""), fontsize=9)
+        ax.set_xlabel(trend.x_key, fontsize=8)
+        ax.grid(alpha=0.3)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    title = f"Objective quality during training ({trend.count} evaluation(s))"
+    fig.suptitle(title)
+    _save(fig, path)
+    return Figure(path=path, title=title, marks=marks)
+
+
 def make_plots(analysis: Analysis, out_dir: Path) -> list[Figure]:
     run = analysis.run
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,4 +244,6 @@ def make_plots(analysis: Analysis, out_dir: Path) -> list[Figure]:
         ratio = Series("ratio", "avg_loss_1/avg_loss_0", b.per, b.ratio_xs, b.ratio_values, [], [])
         figures.append(plot_panels([("generator / discriminator loss", ratio)], out_dir / "balance.png",
                                    "Generator / discriminator loss ratio"))
+    if analysis.quality is not None and analysis.quality.metrics:
+        figures.append(plot_quality(analysis.quality, run.quality, out_dir / QUALITY_PLOT))
     return figures

@@ -1,63 +1,22 @@
-"""report.md, a self-contained report.html (PNGs inlined as base64) and report.json (raw numbers).
+"""The training report: its sections as blocks (see `document`), written as report.md,
+report.html (PNGs inlined as base64) and report.json (raw numbers).
 
-The text is built from a list of blocks rendered twice, so the two documents say the same thing.
 Every number comes from `Analysis`; sentences describe, they never grade (no "healthy", no
-"production-ready"): the records hold losses, not quality.
+"production-ready"): losses and objective distances are stated as measured, not turned into a
+judgement of the voice. The Quality section is `quality_section`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 from vits_ray.report.analysis import Analysis, Point
+from vits_ray.report.document import Block, Bullets, Heading, Image, Para, Table, fmt, json_safe, to_html, to_markdown
 from vits_ray.report.plots import Figure
-
-
-@dataclass
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass
-class Para:
-    text: str
-
-
-@dataclass
-class Bullets:
-    items: list[str]
-
-
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]]
-
-
-@dataclass
-class Image:
-    path: Path
-    alt: str
-
-
-Block = Union[Heading, Para, Bullets, Table, Image]
-
-
-def fmt(x: Optional[float], digits: int = 2) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if x != 0 and abs(x) < 10 ** -digits:
-        return f"{x:.{digits}e}"
-    return f"{x:.{digits}f}"
+from vits_ray.report.quality_section import quality_section
 
 
 def _at(p: Optional[Point], per: str) -> str:
@@ -83,6 +42,9 @@ def _overview(a: Analysis) -> list[Block]:
     if steps:
         lines.append(f"Steps {min(steps)} to {max(steps)}" + (f", epochs {r.epochs[0]['epoch']} to {r.epochs[-1]['epoch']}"
                                                               if r.epochs else "") + ".")
+    elif r.epochs:
+        lines.append(f"Epochs {r.epochs[0]['epoch']} to {r.epochs[-1]['epoch']}; there are no step records, so "
+                     "every curve is per epoch.")
     if not r.epochs:
         lines.append("This run has no epoch records yet, so the per-epoch metrics below (avg_loss_1, avg_loss_0 "
                      "and the rest) are computed from the step records (loss_1, loss_0, ...), per step.")
@@ -254,35 +216,29 @@ def _timing(a: Analysis, figures: dict[str, Figure]) -> list[Block]:
     return blocks
 
 
-def _validation_and_quality(a: Analysis) -> list[Block]:
+def _where(record: dict[str, Any]) -> str:
+    # Exported tables may carry an epoch and no step.
+    for key in ("step", "epoch"):
+        if isinstance(record.get(key), (int, float)):
+            return f"{key} {record[key]}"
+    return "–"
+
+
+def _validation(a: Analysis) -> list[Block]:
     r = a.run
     blocks: list[Block] = [Heading("Validation")]
-    if r.vals:
-        keys = sorted({k for v in r.vals for k in v if k.startswith("val_") and isinstance(v[k], (int, float))})
-        rows = []
-        for key in keys:
-            pts = [(v["step"], v[key]) for v in r.vals if isinstance(v.get(key), (int, float)) and math.isfinite(v[key])]
-            if not pts:
-                continue
-            lo = min(pts, key=lambda p: p[1])
-            rows.append([key, fmt(pts[0][1]), fmt(pts[-1][1]), fmt(lo[1]), f"step {lo[0]}", str(len(pts))])
-        blocks += [Para(f"{len(r.vals)} validation record(s) (losses on held-out utterances)."),
-                   Table(["metric", "first", "last", "min", "min at", "records"], rows)]
-    else:
-        blocks.append(Para("No validation records."))
-    blocks.append(Heading("Quality"))
-    if r.quality:
-        keys = sorted({k for q in r.quality for k, v in q.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")})
-        rows = [[k, *(fmt(q.get(k)) if isinstance(q.get(k), (int, float)) else "–" for q in (r.quality[0], r.quality[-1])),
-                 str(sum(k in q for q in r.quality))] for k in keys]
-        blocks += [Para(f"{len(r.quality)} quality record(s); the figures below are what was measured."),
-                   Table(["metric", "first", "last", "records"], rows)]
-    else:
-        blocks.append(Para("No quality metric (listening test or objective measure) was recorded for this run, so "
-                           "this report makes no claim about voice quality. Training and validation losses alone "
-                           "do not show how the synthesized speech sounds."))
-    return blocks
+    if not r.vals:
+        return blocks + [Para("No validation records.")]
+    keys = sorted({k for v in r.vals for k in v if k.startswith("val_") and isinstance(v[k], (int, float))})
+    rows = []
+    for key in keys:
+        pts = [(v, v[key]) for v in r.vals if isinstance(v.get(key), (int, float)) and math.isfinite(v[key])]
+        if not pts:
+            continue
+        lo = min(pts, key=lambda p: p[1])
+        rows.append([key, fmt(pts[0][1]), fmt(pts[-1][1]), fmt(lo[1]), _where(lo[0]), str(len(pts))])
+    return blocks + [Para(f"{len(r.vals)} validation record(s) (losses on held-out utterances)."),
+                     Table(["metric", "first", "last", "min", "min at", "records"], rows)]
 
 
 def _checkpoints(a: Analysis) -> list[Block]:
@@ -312,75 +268,8 @@ def _more_plots(figures: dict[str, Figure]) -> list[Block]:
 def build_blocks(a: Analysis, figures: Sequence[Figure]) -> list[Block]:
     by_name = {f.path.name: f for f in figures}
     return ([Heading("Training report", 1)] + _overview(a) + _summary(a) + _phases(a, by_name) + _events(a)
-            + _balance(a, by_name) + _timing(a, by_name) + _validation_and_quality(a) + _checkpoints(a)
-            + _more_plots(by_name))
-
-
-# --- rendering ---------------------------------------------------------------------------
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def to_markdown(blocks: Sequence[Block]) -> str:
-    out: list[str] = []
-    for b in blocks:
-        if isinstance(b, Heading):
-            out.append("#" * b.level + " " + b.text)
-        elif isinstance(b, Para):
-            out.append(b.text)
-        elif isinstance(b, Bullets):
-            out.append("\n".join(f"- {i}" for i in b.items))
-        elif isinstance(b, Table):
-            lines = ["| " + " | ".join(map(_md_cell, b.headers)) + " |",
-                     "|" + "|".join("---" for _ in b.headers) + "|"]
-            lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in b.rows]
-            out.append("\n".join(lines))
-        elif isinstance(b, Image):
-            out.append(f"![{b.alt}]({b.path.name})")
-    return "\n\n".join(out) + "\n"
-
-
-def _html_inline(text: str) -> str:
-    # Only `code` spans are used in the text.
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def to_html(blocks: Sequence[Block], title: str) -> str:
-    body: list[str] = []
-    for b in blocks:
-        if isinstance(b, Heading):
-            body.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
-        elif isinstance(b, Para):
-            body.append(f"<p>{_html_inline(b.text)}</p>")
-        elif isinstance(b, Bullets):
-            body.append("<ul>" + "".join(f"<li>{_html_inline(i)}</li>" for i in b.items) + "</ul>")
-        elif isinstance(b, Table):
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b.rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif isinstance(b, Image):
-            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(b.alt)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(b.alt)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:right}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
+            + _balance(a, by_name) + _timing(a, by_name) + _validation(a) + quality_section(a, by_name)
+            + _checkpoints(a) + _more_plots(by_name))
 
 
 def write_documents(a: Analysis, figures: Sequence[Figure], out_dir: Path) -> Path:
@@ -392,5 +281,5 @@ def write_documents(a: Analysis, figures: Sequence[Figure], out_dir: Path) -> Pa
     data["figures"] = [{"file": f.path.name, "title": f.title,
                         "marks": [{"kind": m.kind, "x": m.x, "y": m.y, "label": m.label} for m in f.marks]}
                        for f in figures]
-    (out_dir / "report.json").write_text(json.dumps(_json_safe(data), indent=1, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "report.json").write_text(json.dumps(json_safe(data), indent=1, ensure_ascii=False), encoding="utf-8")
     return md_path

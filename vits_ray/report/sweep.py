@@ -25,7 +25,7 @@ from vits_ray.checkpoint import HEALTH_COUNTS
 from vits_ray.report.analysis import step_series
 from vits_ray.report.load import ReportError, RunData, load_segments_run
 from vits_ray.report.plots import Figure, Mark, STEP_EVENT_MARKS, _broken, _save, _value_at
-from vits_ray.report.render import Block, Bullets, Heading, Image, Para, Table, _json_safe, fmt, to_html, to_markdown
+from vits_ray.report.document import Block, Bullets, Heading, Image, Para, Table, fmt, json_safe, to_html, to_markdown
 from vits_ray.storage import StorageError, open_store
 from vits_ray.tune.score import DIVERGED_SCORE
 from vits_ray.tune.sweep import BEST_FILE, SCORE_COLUMNS, SCORED_COLUMNS, TRIALS_FILE
@@ -435,5 +435,5 @@ def write_sweep_report(source: str, out_dir: Path) -> Path:
                         "diverged": t.diverged} for t in sweep.trials],
             "early_stopping": stopping, "importances": found, "importance_notes": notes, "warnings": sweep.warnings,
             "figures": [{"file": f.path.name, "title": f.title, "marks": [vars(m) for m in f.marks]} for f in figures]}
-    (out_dir / "sweep.json").write_text(json.dumps(_json_safe(data), indent=1, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "sweep.json").write_text(json.dumps(json_safe(data), indent=1, ensure_ascii=False), encoding="utf-8")
     return md_path
