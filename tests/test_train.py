@@ -93,8 +93,11 @@ def test_export_loads_in_coquis_synthesizer(prepared_demo, ray_local, tmp_path):
 def test_two_workers_resume_exactly_on_every_rank(prepared_demo, ray_local, tmp_path):
     overrides = ["train.save_step=2", "train.log_step=2"]
     run_training(job(prepared_demo, tmp_path, "two", workers=2, max_steps=4, overrides=overrides))
-    run_training(job(prepared_demo, tmp_path, "two-split", workers=2, max_steps=2, overrides=overrides))
-    run_training(job(prepared_demo, tmp_path, "two-split", workers=2, max_steps=4, overrides=overrides))
+    # The split run also measures quality on both ranks (eval mode, synthesis, a collective): it
+    # must leave training bit-identical to the run that does not.
+    quality = [*overrides, "eval.every_steps=2", "eval.utterances=3"]
+    run_training(job(prepared_demo, tmp_path, "two-split", workers=2, max_steps=2, overrides=quality))
+    run_training(job(prepared_demo, tmp_path, "two-split", workers=2, max_steps=4, overrides=quality))
     straight, split = final_state(tmp_path / "two"), final_state(tmp_path / "two-split")
     assert straight["world_size"] == split["world_size"] == 2
     for name, tensor in straight["model"].items():
@@ -112,6 +115,10 @@ def test_two_workers_resume_exactly_on_every_rank(prepared_demo, ray_local, tmp_
     assert [r["loss_1"] for r in steps] == [r["loss_1"] for r in records(tmp_path / "two", "step")]
     # throughput counts both ranks' batches
     assert all(r["batch_size"] > 2 for r in steps), [r["batch_size"] for r in steps]
+    # quality: the three utterances shared out over the two ranks and summed back, once per measurement
+    measured = records(tmp_path / "two-split", "quality")
+    assert [q["step"] for q in measured] == [2, 4]
+    assert all(q["utterances"] + q["failed"] == 3 and q["mcd_dtw_db"] > 0 for q in measured), measured
 
 
 def test_resume_with_other_workers_or_settings_is_refused(prepared_demo, ray_local, tmp_path):

@@ -470,6 +470,10 @@ class Trainer:
                 f"MCD {record['mcd_dtw_db']:.2f} dB, F0 RMSE {record['f0_rmse_cents']:.0f} cents, "
                 f"voicing error {record['vuv_error']:.2f}, duration ratio {record['duration_ratio']:.2f}"
                 + (f", {record['failed']} failed" if record["failed"] else ""))
+        if self.quality_probe.last_error:
+            say(f"[vits-ray] rank {self.rank} step {record['step']}: quality synthesis failed: "
+                f"{self.quality_probe.last_error}")
+            self.quality_probe.last_error = ""
         if math.isfinite(record["mcd_dtw_db"]):
             self._consider_best("best_mcd_dtw_db", record["mcd_dtw_db"])
         return record

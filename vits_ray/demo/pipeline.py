@@ -1,8 +1,11 @@
 """`make demo`: the whole pipeline on the embedded demo corpus, all local.
 
 demo corpus (espeak-ng Bangla) -> `prepare` into shards -> train the tiny model on local Ray
-(two data-parallel workers) -> report -> a small learning-rate sweep (Ray Tune + Optuna + ASHA) and
-its report. Everything lands under one folder so a user can look at each stage's output.
+(two data-parallel workers, measuring its quality on a few val utterances as it goes) -> speak
+(`synth`: Bangla WAVs, numerals included) and an ONNX export that passed its parity check ->
+`evaluate` on the val split -> report (with its quality section) -> a small learning-rate sweep
+(Ray Tune + Optuna + ASHA) and its report. Everything lands under one folder so a user can look at
+each stage's output.
 Training includes a blow-up drill (the weights explode five eighths of the way in and Coqui's
 forward raises): the run rolls back to its last checkpoint and goes on, and the report shows it.
 """
@@ -11,7 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vits_ray.config import Config
+from vits_ray.config import Config, replace
+
+# What the demo model says at the end: sentences of the demo corpus, and one with numerals (spoken
+# as words by the front-end). Letters the 40-utterance corpus never used are dropped, and listed.
+DEMO_SENTENCES = ("শুভ সকাল!", "আমি ভালো আছি, ধন্যবাদ।", "আমার ১২৩ টাকা লাগবে।")
 
 
 def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, workers: int = 2,
@@ -21,34 +28,54 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, wo
     from vits_ray.demo.corpus import write_demo_corpus
     from vits_ray.config import RECIPE_DIR
     from vits_ray.report import write_report, write_sweep_report
+    from vits_ray.evaluate.pipeline import evaluate_model
+    from vits_ray.onnx_export import export_onnx
+    from vits_ray.synth import format_summary, speak_lines
     from vits_ray.train import Drill, TrainJob, run_training
     from vits_ray.tune.sweep import SweepJob, run_sweep
+    from vits_ray.voice import load_voice
 
     out_dir = out_dir.resolve()
     corpus = out_dir / "corpus"
     shards = out_dir / "shards"
     runs = out_dir / "runs"
 
-    print(f"[demo] 1/5 demo corpus: {n} Bangla utterances -> {corpus}", flush=True)
+    print(f"[demo] 1/7 demo corpus: {n} Bangla utterances -> {corpus}", flush=True)
     write_demo_corpus(corpus, n=n, seed=0)
 
-    print(f"[demo] 2/5 prepare: validated Parquet shards -> {shards}", flush=True)
+    print(f"[demo] 2/7 prepare: validated Parquet shards -> {shards}", flush=True)
     summary = prepare_corpus(corpus, "ljspeech", str(shards), config, progress=False)
     print(summary.format_text(), flush=True)
 
     drills = (Drill("blowup", max_steps * 5 // 8),) if max_steps >= 8 else ()
-    print(f"[demo] 3/5 train: tiny VITS on local Ray, CPU, {workers} data-parallel workers, {max_steps} steps"
-          f"{f', a blow-up drill at step {drills[0].step}' if drills else ''} -> {runs}/demo", flush=True)
-    job = TrainJob(config=config.to_dict(), data_uri=str(shards), storage_uri=str(runs), name="demo",
+    quality_every = max(1, max_steps // 4)
+    print(f"[demo] 3/7 train: tiny VITS on local Ray, CPU, {workers} data-parallel workers, {max_steps} steps"
+          f"{f', a blow-up drill at step {drills[0].step}' if drills else ''}, quality measured every "
+          f"{quality_every} steps -> {runs}/demo", flush=True)
+    measured = replace(config, eval={"every_steps": quality_every, "utterances": 4})
+    job = TrainJob(config=measured.to_dict(), data_uri=str(shards), storage_uri=str(runs), name="demo",
                    max_steps=max_steps, workers=workers, drills=drills)
     outcome = run_training(job)
 
+    speech, onnx_path = out_dir / "speech", f"{outcome.export_uri}/model.onnx"
+    print(f"[demo] 4/7 speak: synth -> {speech}; ONNX export with its parity check -> {onnx_path}", flush=True)
+    voice = load_voice(outcome.run_uri)
+    print(format_summary(speak_lines(voice, list(enumerate(DEMO_SENTENCES, start=1)), speech,
+                                     drop_unsupported=True)), flush=True)
+    exported = export_onnx(voice, onnx_path)
+    print(exported.parity.format_text(), flush=True)
+
+    evaluation_uri = f"{outcome.run_uri}/eval"
+    print(f"[demo] 5/7 evaluate: the model against the val split's recordings -> {evaluation_uri}", flush=True)
+    evaluation = evaluate_model(outcome.run_uri, str(shards), evaluation_uri, max_utterances=8)
+    print(evaluation.format_text(), flush=True)
+
     report_dir = out_dir / "report"
-    print(f"[demo] 4/5 report -> {report_dir}", flush=True)
+    print(f"[demo] 6/7 report -> {report_dir}", flush=True)
     report_path = write_report(outcome.run_uri, report_dir)
 
     sweeps = out_dir / "sweeps"
-    print(f"[demo] 5/5 sweep: {sweep_trials} trials of the generator learning rate, up to {sweep_steps} steps "
+    print(f"[demo] 7/7 sweep: {sweep_trials} trials of the generator learning rate, up to {sweep_steps} steps "
           f"each, one at a time -> {sweeps}/lr", flush=True)
     # A trial whose model blew up fails the same way after a restart: no retries in the demo.
     sweep = run_sweep(SweepJob(recipe=recipe, overrides=(*overrides, "train.max_failures=0"),
@@ -57,5 +84,6 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, wo
                                grace_steps=max(1, sweep_steps // 4)))
     sweep_report = write_sweep_report(sweep.sweep_uri, out_dir / "sweep-report")
     print(f"[demo] done.\n  shards:  {shards}\n  run:     {outcome.run_uri}\n  export:  {outcome.export_uri}"
+          f"\n  speech:  {speech}\n  onnx:    {exported.uri}\n  eval:    {evaluation_uri}/eval.json"
           f"\n  report:  {report_path}\n  sweep:   {sweep.sweep_uri} (best recipe: best.toml)"
           f"\n  sweep report: {sweep_report}", flush=True)

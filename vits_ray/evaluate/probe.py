@@ -31,6 +31,8 @@ class QualityProbe:
         self.tokens = [vocab.encode(u.text) for u in self.utterances]
         self.seed, self.settings = seed, settings
         self._references: dict[str, Analysis] = {}
+        # The latest failure on this rank, for the console (a blown-up model's synthesis raises).
+        self.last_error = ""
 
     def _reference(self, index: int) -> Analysis:
         utterance = self.utterances[index]
@@ -52,8 +54,9 @@ class QualityProbe:
                         audio = self._speak(model, tokens, device)
                         scores = compare(self._reference(index),
                                          analyse(audio, self.utterances[index].sample_rate, self.settings))
-                    except (ValueError, RuntimeError):  # a silent or exploded rendering: counted, not fatal
+                    except Exception as err:  # noqa: BLE001 - measuring must never end a run: counted, named
                         sums["failed"] += 1
+                        self.last_error = f"{self.utterances[index].id}: {type(err).__name__}: {err}"[:300]
                         continue
                     sums["scored"] += 1
                     for key in ("mcd_dtw_db", "vuv_error", "duration_ratio"):
