@@ -70,7 +70,10 @@ def test_job_entrypoints_run_the_stages_as_the_cli_does(demo_corpus_dir, tmp_pat
 @pytest.mark.parametrize("script,args", [("prepare.py", ["--input", "nowhere", "--format", "ljspeech",
                                                          "--output", "x"]),
                                          ("train.py", ["--data", "x", "--storage", "y"]),
-                                         ("tune.py", ["--data", "x", "--storage", "y"])])
+                                         ("tune.py", ["--data", "x", "--storage", "y"]),
+                                         ("evaluate.py", ["--out", "x"]),
+                                         ("synth.py", ["somewhere", "--out", "x"]),
+                                         ("export.py", ["somewhere"])])
 def test_job_entrypoints_fail_with_the_clis_message(script, args):
     from click.testing import CliRunner
 

@@ -140,3 +140,24 @@ def test_export_config_states_how_text_is_prepared(trained_run):
     config = json.loads((trained_run / "export" / "config.json").read_text(encoding="utf-8"))
     assert "vits-ray synth" in config["vits_ray"]["text_preparation"]
     assert config["vits_ray"]["normalizer_version"] == 1 and config["text_cleaner"] is None
+
+
+def test_job_entrypoints_speak_export_and_evaluate(trained_run, prepared_demo, tmp_path):
+    """`ray job submit -- python jobs/{synth,export,evaluate}.py ...`, run as a job's driver runs them."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+
+    def job(script: str, *args: str) -> None:
+        done = subprocess.run([sys.executable, str(root / "jobs" / script), *args], cwd=root, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    job("synth.py", str(trained_run), "--text", "শুভ সকাল!", "--out", str(tmp_path / "speech"))
+    job("export.py", str(trained_run), "--onnx", str(tmp_path / "v.onnx"))
+    job("evaluate.py", str(tmp_path / "v.onnx"), "--data", str(prepared_demo), "--max-utterances", "1",
+        "--out", str(tmp_path / "eval"))
+    assert (tmp_path / "speech" / "0001.wav").exists() and (tmp_path / "v.onnx.json").exists()
+    summary = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert summary["backend"] == "onnx" and summary["rtf_onnx"]["n"] == 1 and "rtf_torch" not in summary
