@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/bench_reader.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/faults.py
+	$(PY) bench/bench_inference.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
