@@ -259,7 +259,7 @@ def test_eval_json_in_the_run_folder_gives_metrics_method_and_samples(tmp_path):
     assert "RTF measured with 1 CPU thread(s)." in section
     assert "Frame period: 5.0 ms; cepstrum order: 24; c0 (energy term) in the MCD: excluded" in section
     assert "Published MCD figures differ in cepstrum order, in whether c0" in section
-    assert "- mcd: MCD-DTW in dB, Kubichek's convention" in section
+    assert "- mcd: `MCD-DTW in dB, Kubichek's convention" in section
     assert "Other settings: num_mel_bands = 40, f0_floor_hz = 60.0" in section
 
     # Samples: copied beside the report and linked; the missing one is said to be missing.

@@ -113,7 +113,8 @@ def _method(method: Any) -> list[Block]:
     items = [f"Frame period: {method.get('frame_period_ms', 'not stated')} ms; cepstrum order: "
              f"{method.get('cepstrum_order', 'not stated')}; c0 (energy term) in the MCD: {c0_handling(method)}.",
              MCD_CAVEAT]
-    items += [f"{key}: {text}" for key, text in method.items() if isinstance(text, str)]
+    # As code: the formulas' * and _ would otherwise turn into emphasis in a markdown viewer.
+    items += [f"{key}: `{text.replace('`', '')}`" for key, text in method.items() if isinstance(text, str)]
     settings = [f"{key} = {value}" for key, value in method.items() if not isinstance(value, str) and key not in shown]
     if settings:
         items.append("Other settings: " + ", ".join(settings) + ".")
