@@ -4,10 +4,11 @@
     python cluster/local.py status --dir DIR
     python cluster/local.py stop   --dir DIR
 
-Then `RAY_ADDRESS=<address> RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=DIR/auth_token vits-ray train ...`
-(`start` prints these). Worker node i carries the custom resource `node_w<i>` so work can be
-pinned to it. Useful to exercise the multi-node code paths (placement, object transfer between
-raylets, a node dying) without a cloud.
+Then `RAY_ADDRESS=<address> RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=DIR/auth_token vits-ray train ...`,
+or `ray job submit --address <dashboard_url> ...` with the same two RAY_AUTH_* variables (`start`
+prints these). Worker node i carries the custom resource `node_w<i>` so work can be pinned to it.
+Useful to exercise the multi-node code paths (placement, object transfer between raylets, a node
+dying, `ray job submit`) without a cloud.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def _env(token_path: Path) -> dict:
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
     env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
     env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join another cluster
+    # `python` in a submitted job's entrypoint is this interpreter (the venv's), as `python` is the
+    # image's own on a real cluster, even when the venv is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # Ray's OpenTelemetry metrics thread has crashed actors here (see the Makefile).
     env["RAY_enable_metrics_collection"] = "0"
     return env
@@ -52,15 +56,23 @@ def _temp_root(d: Path) -> Path:
     return Path("/tmp") / f"vr-{hashlib.sha1(str(d.resolve()).encode()).hexdigest()[:10]}"
 
 
-def _ray_start(args: list[str], env: dict, log: Path) -> None:
+def _ray_start(node: Path, args: list[str], env: dict, log: Path) -> None:
+    """`ray start` for one node whose files all live in `node` (under the cluster's temp root), as
+    on a machine of its own: Ray's temp dir, and TMPDIR for everything its processes start. Nodes
+    sharing Ray's temp dir would share its logs folder, and each node's log monitor would then print
+    every worker's lines once per node. TMPDIR must be short too: the dashboard's forkserver puts
+    a unix socket there (a pytest tmp_path is too long), and what workers stage there (checkpoints)
+    goes when `stop` removes the temp root."""
+    (node / "tmp").mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        r = subprocess.run([RAY, "start", "--disable-usage-stats", *args], env=env,
+        r = subprocess.run([RAY, "start", "--disable-usage-stats", *args, "--temp-dir", str(node)],
+                           env={**env, "TMPDIR": str(node / "tmp")},
                            stdout=out, stderr=subprocess.STDOUT, timeout=120)
     if r.returncode:
         raise SystemExit(f"ray start failed ({r.returncode}); see {log}")
 
 
-def start(d: Path, workers: int, head_cpus: int, object_store_mb: int) -> dict:
+def start(d: Path, workers: int, head_cpus: int, object_store_mb: int, dashboard: bool = True) -> dict:
     from ray._private.services import resolve_ip_for_localhost
 
     d.mkdir(parents=True, exist_ok=True)
@@ -76,21 +88,24 @@ def start(d: Path, workers: int, head_cpus: int, object_store_mb: int) -> dict:
     # Every port is picked free so that this cluster and any other one on the machine
     # (a `ray.init()` in a test session, a second local cluster) cannot collide.
     mem = str(object_store_mb * 1024 * 1024)
+    dashboard_port = _free_port()
     info = {"address": address, "token_path": str(token), "temp_dir": str(tmp),
+            # The dashboard serves the job server (`ray job submit`) and the State API (which Ray
+            # Train's PlacementGroupCleaner needs); on loopback only.
+            "dashboard_url": f"http://127.0.0.1:{dashboard_port}" if dashboard else None,
             "workers": workers, "worker_resources": [f"node_w{i}" for i in range(1, workers + 1)]}
     (d / "cluster.json").write_text(json.dumps(info, indent=2))  # written first: stop works on a half start
-    _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                "--num-cpus", str(head_cpus), "--num-gpus", "0", "--object-store-memory", mem,
-                "--include-dashboard=false", "--dashboard-port", str(_free_port()),
-                "--ray-client-server-port", str(_free_port()),
-                "--dashboard-agent-listen-port", str(_free_port()),
-                "--temp-dir", str(tmp)], env, log)
+    _ray_start(tmp / "head", ["--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                              "--num-cpus", str(head_cpus), "--num-gpus", "0", "--object-store-memory", mem,
+                              f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host", "127.0.0.1",
+                              "--dashboard-port", str(dashboard_port),
+                              "--ray-client-server-port", str(_free_port()),
+                              "--dashboard-agent-listen-port", str(_free_port())], env, log)
     for i in range(1, workers + 1):
-        _ray_start(["--address", address, "--node-ip-address", "127.0.0.1",
-                    "--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", mem,
-                    "--resources", json.dumps({f"node_w{i}": 1}),
-                    "--dashboard-agent-listen-port", str(_free_port()),
-                    "--temp-dir", str(tmp)], env, log)
+        _ray_start(tmp / f"w{i}", ["--address", address, "--node-ip-address", "127.0.0.1",
+                                   "--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", mem,
+                                   "--resources", json.dumps({f"node_w{i}": 1}),
+                                   "--dashboard-agent-listen-port", str(_free_port())], env, log)
     return info
 
 
@@ -166,13 +181,15 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--head-cpus", type=int, default=1, help="head CPUs (drivers, Train controller)")
     ap.add_argument("--object-store-mb", type=int, default=256)
+    ap.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
+                    help="the dashboard on 127.0.0.1: job server, State API (on by default)")
     a = ap.parse_args(argv)
     if a.action == "start":
         if (a.dir / "cluster.json").exists():  # checked here: a failed start stops what it started
             raise SystemExit(f"{a.dir}/cluster.json exists: stop that cluster first")
         t = time.monotonic()
         try:
-            info = start(a.dir, a.workers, a.head_cpus, a.object_store_mb)
+            info = start(a.dir, a.workers, a.head_cpus, a.object_store_mb, a.dashboard)
         except BaseException:
             stop(a.dir)
             raise
@@ -180,6 +197,8 @@ def main(argv=None) -> int:
         print(f"# started in {time.monotonic() - t:.1f}s; connect with:\n"
               f"export RAY_ADDRESS={info['address']} RAY_AUTH_MODE=token "
               f"RAY_AUTH_TOKEN_PATH={info['token_path']}")
+        if info["dashboard_url"]:
+            print(f"# jobs: ray job submit --address {info['dashboard_url']} --working-dir . -- python jobs/...")
         return 0
     if a.action == "stop":
         print(f"stopped {stop(a.dir)} processes")

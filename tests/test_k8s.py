@@ -2,9 +2,14 @@
 
 No cluster and no network. A tiny kustomize renderer lives here because CI has no kustomize binary;
 where `kubectl` or `kustomize` is installed, its output is compared with ours. The renderer supports
-only: `resources` (files or directories with a kustomization.yaml) and `patches` with a `target`
-(kind and name only) and an inline JSON6902 op list (add / remove / replace). Anything else in a
-kustomization.yaml fails the test, so an unsupported feature can never be silently ignored.
+only: `resources` (files or directories with a kustomization.yaml), `patches` with a `target`
+(kind and name only) and an inline JSON6902 op list (add / remove / replace), and then, as kustomize
+orders them, `replacements` that copy one field (a dotted path of map keys, scalar or not) of one
+object into fields of others. Anything else in a kustomization.yaml fails the test, so an
+unsupported feature can never be silently ignored.
+
+KubeRay objects are validated against the KubeRay CRDs; built-in kinds, and the pods KubeRay makes
+from the templates inside them, against Kubernetes' own schemas (kubernetes-validate).
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is needed to v
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 TARGETS = ["base", "overlays/dev-cpu", "overlays/gpu"]
+JOBS = {"vits-ray-train": "train", "vits-ray-sweep": "tune"}  # RayJob -> the CLI command it runs
+# (kind, name) -> its app.kubernetes.io/component label, by which README applies one object alone
+COMPONENTS = {("ConfigMap", "vits-ray-s3"): "config", ("RayCluster", "vits-ray"): "cluster",
+              ("RayJob", "vits-ray-train"): "train", ("RayJob", "vits-ray-sweep"): "sweep"}
 SECRET_ENV = {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}  # the CRD has no enum
 
@@ -69,9 +78,44 @@ def _apply_op(doc: dict, op: dict) -> None:
         raise AssertionError(f"unsupported op {kind!r}")
 
 
+def _field(path: str) -> list[str]:
+    assert re.fullmatch(r"[\w-]+(\.[\w-]+)*", path), f"unsupported replacement fieldPath {path!r}"
+    return path.split(".")
+
+
+def _selected(docs: list[dict], selector: dict, what: str) -> list[dict]:
+    assert set(selector) <= {"kind", "name"}, f"unsupported {what} selector {selector}"
+    hits = [d for d in docs if all(d[k] == v if k == "kind" else d["metadata"][k] == v for k, v in selector.items())]
+    assert hits, f"{what} {selector} matches nothing"
+    return hits
+
+
+def _replace(docs: list[dict], replacement: dict) -> None:
+    """kustomize's `replacements`, inline form: copy the source's field into each target's fields."""
+    assert set(replacement) == {"source", "targets"}, f"unsupported replacement {replacement}"
+    source = dict(replacement["source"])
+    node = _selected(docs, {k: source.pop(k) for k in ("kind", "name") if k in source}, "replacement source")
+    assert len(node) == 1 and set(source) == {"fieldPath"}, f"unsupported replacement source {replacement['source']}"
+    value = node[0]
+    for key in _field(source["fieldPath"]):
+        value = value[key]
+    for target in replacement["targets"]:
+        assert set(target) <= {"select", "fieldPaths", "options"}, f"unsupported replacement target {target}"
+        options = target.get("options", {})
+        assert set(options) <= {"create"}, f"unsupported replacement options {options}"
+        for doc in _selected(docs, target["select"], "replacement target"):
+            for path in target["fieldPaths"]:
+                *parents, last = _field(path)
+                node = doc
+                for key in parents:
+                    node = node.setdefault(key, {}) if options.get("create") else node[key]
+                assert options.get("create") or last in node, f"replacement into a missing field {path}"
+                node[last] = copy.deepcopy(value)
+
+
 def render(directory: Path) -> list[dict]:
     kz = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kz) - {"apiVersion", "kind", "resources", "patches"}
+    unsupported = set(kz) - {"apiVersion", "kind", "resources", "patches", "replacements"}
     assert not unsupported, f"{directory}: the test renderer does not support {sorted(unsupported)}"
     docs: list[dict] = []
     for entry in kz.get("resources", []):
@@ -93,6 +137,8 @@ def render(directory: Path) -> list[dict]:
         for doc in hits:
             for op in ops:
                 _apply_op(doc, op)
+    for replacement in kz.get("replacements", []):  # after the patches, as kustomize runs them
+        _replace(docs, replacement)
     return docs
 
 
@@ -140,9 +186,21 @@ def gpus(container) -> tuple:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_renders(target):
-    kinds = sorted(d["kind"] for d in rendered(target))
-    assert kinds == ["ConfigMap", "RayCluster", "RayJob"]
-    assert not by_kind(rendered(target), "Secret"), "Secrets are created by hand, never committed"
+    docs = rendered(target)
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "RayCluster", "RayJob", "RayJob"]
+    assert {d["metadata"]["name"] for d in by_kind(docs, "RayJob")} == set(JOBS)
+    assert not by_kind(docs, "Secret"), "Secrets are created by hand, never committed"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_object_can_be_applied_alone(target):
+    """`kubectl apply -k DIR -l app.kubernetes.io/component=X` (README) selects exactly one object."""
+    docs = rendered(target)
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == sorted(COMPONENTS)
+    for doc in docs:
+        labels = doc["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/name") == "vits-ray", doc["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/component") == COMPONENTS[doc["kind"], doc["metadata"]["name"]]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -164,6 +222,11 @@ def test_renderer_refuses_what_it_does_not_support(tmp_path):
     (tmp_path / "kustomization.yaml").write_text(
         "resources: [cm.yaml]\npatches:\n  - target: {kind: ConfigMap, name: b}\n    patch: '[]'\n")
     with pytest.raises(AssertionError, match="matches nothing"):
+        render(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(  # a list index in a fieldPath: not supported here
+        "resources: [cm.yaml]\nreplacements:\n  - source: {kind: ConfigMap, name: a, fieldPath: metadata.name}\n"
+        "    targets: [{select: {kind: ConfigMap}, fieldPaths: ['spec.list[0]']}]\n")
+    with pytest.raises(AssertionError, match="unsupported replacement fieldPath"):
         render(tmp_path)
 
 
@@ -229,6 +292,81 @@ def test_a_misspelt_field_is_rejected():
     assert any("securityContex" in e for e in schema_errors(cluster))
 
 
+# --- built-in kinds: Kubernetes' own schemas ----------------------------------------------
+
+def k8s_versions() -> list[str]:
+    """The oldest and newest Kubernetes minors kubernetes-validate has schemas for."""
+    utils = pytest.importorskip("kubernetes_validate.utils", reason="kubernetes-validate is needed")
+    versions = utils.all_versions()
+    return sorted({utils.major_minor(versions[0]), utils.major_minor(versions[-1])})
+
+
+def builtin_objects(docs):
+    """(where, object of a built-in kind) for every such object rendered, and for each pod KubeRay
+    creates from the templates inside the KubeRay objects: a Ray pod template as a `PodTemplate`
+    (the head's with the autoscaler sidecar KubeRay adds from `autoscalerOptions`), the submitter's
+    as the `batch/v1 Job` it becomes in K8sJobMode."""
+    for doc in docs:
+        if not doc["apiVersion"].startswith("ray.io/"):
+            yield f"{doc['kind']}/{doc['metadata']['name']}", doc
+    for where, spec in cluster_specs(docs):
+        head = copy.deepcopy(spec["headGroupSpec"]["template"])
+        if spec.get("enableInTreeAutoscaling"):
+            options = spec.get("autoscalerOptions", {})
+            sidecar = {"name": "autoscaler", "image": options.get("image", head["spec"]["containers"][0]["image"])}
+            sidecar.update({k: options[k] for k in ("imagePullPolicy", "env", "envFrom", "resources",
+                                                     "securityContext", "volumeMounts") if k in options})
+            head["spec"]["containers"].append(sidecar)
+        groups = [("head", head)] + [(g["groupName"], g["template"]) for g in spec.get("workerGroupSpecs", [])]
+        for group, template in groups:
+            yield f"{where}.{group}", {"apiVersion": "v1", "kind": "PodTemplate",
+                                       "metadata": {"name": f"{where}.{group}".lower()}, "template": template}
+    for job in by_kind(docs, "RayJob"):
+        if job["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode" and "submitterPodTemplate" in job["spec"]:
+            spec = {"template": job["spec"]["submitterPodTemplate"]}
+            spec.update({k: v for k, v in job["spec"].get("submitterConfig", {}).items() if k == "backoffLimit"})
+            yield f"{job['metadata']['name']}.submitter", {"apiVersion": "batch/v1", "kind": "Job",
+                                                           "metadata": {"name": job["metadata"]["name"]}, "spec": spec}
+
+
+def builtin_errors(obj: dict) -> list[str]:
+    """kubernetes-validate's verdict in strict mode (unknown fields refused), for each version."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is needed")
+    errors = []
+    for version in k8s_versions():
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            errors.append(f"{version} {'/'.join(map(str, err.absolute_path))}: {err.message}")
+    return errors
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_builtin_kinds_and_pod_templates_match_the_kubernetes_schemas(target):
+    objects = dict(builtin_objects(rendered(target)))
+    kinds = sorted(o["kind"] for o in objects.values())
+    # ConfigMap; each cluster (RayCluster and both RayJobs') has a head and a worker group; two submitters.
+    assert kinds == ["ConfigMap", "Job", "Job"] + ["PodTemplate"] * 6, kinds
+    for where, obj in objects.items():
+        assert builtin_errors(obj) == [], where
+
+
+def test_a_misspelt_builtin_field_is_refused():
+    objects = dict(builtin_objects(rendered("base")))
+    config = objects["ConfigMap/vits-ray-s3"]
+    config["dta"] = config.pop("data")
+    assert any("'dta' was unexpected" in e for e in builtin_errors(config))
+    worker = objects["vits-ray.gpu"]
+    worker["template"]["spec"]["containers"][0]["imagePullPolic"] = "Always"
+    assert any("'imagePullPolic' was unexpected" in e for e in builtin_errors(worker))
+    head = objects["vits-ray-sweep.rayClusterSpec.head"]  # the autoscaler sidecar is checked too
+    head["template"]["spec"]["containers"][-1]["securityContext"]["runAsNonRoot"] = "yes"
+    assert any("runAsNonRoot" in e and "'yes' is not of type 'boolean'" in e for e in builtin_errors(head))
+    submitter = objects["vits-ray-sweep.submitter"]
+    submitter["spec"]["template"]["spec"]["restartPolicy"] = ["Never"]
+    assert builtin_errors(submitter)
+
+
 # --- what the pods must satisfy -----------------------------------------------------------
 
 def assert_restricted(where, security, pod_level):
@@ -282,16 +420,26 @@ def test_overlays_choose_the_worker_flavour():
     assert "nvidia.com" not in yaml.safe_dump(rendered("overlays/dev-cpu"))
 
 
+def job_named(docs: list[dict], name: str) -> dict:
+    (job,) = [d for d in by_kind(docs, "RayJob") if d["metadata"]["name"] == name]
+    return job
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_the_job_runs_on_its_own_cluster_shaped_like_the_raycluster(target):
+def test_each_job_runs_on_its_own_cluster_shaped_like_the_raycluster(target):
     docs = rendered(target)
-    (cluster,), (job,) = by_kind(docs, "RayCluster"), by_kind(docs, "RayJob")
-    assert job["spec"]["rayClusterSpec"] == cluster["spec"], "RayJob.rayClusterSpec drifted from the RayCluster"
-    spec = job["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True
-    assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
-    assert spec["backoffLimit"] >= 1
-    assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES
+    (cluster,) = by_kind(docs, "RayCluster")
+    train = job_named(docs, "vits-ray-train")
+    for name in JOBS:
+        spec = job_named(docs, name)["spec"]
+        assert spec["rayClusterSpec"] == cluster["spec"], f"{name}.rayClusterSpec drifted from the RayCluster"
+        assert spec["submitterPodTemplate"] == train["spec"]["submitterPodTemplate"], name
+        assert spec["shutdownAfterJobFinishes"] is True, name
+        assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0, name
+        assert spec["backoffLimit"] >= 1, name  # a retry resumes: fixed --name (test_*_entrypoint_*)
+        assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES, name
+        # jobs/*.py and --space files are resolved against the repo inside the image.
+        assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == "/home/ray/vits-ray", name
 
 
 # --- secrets --------------------------------------------------------------------------------
@@ -347,24 +495,86 @@ def test_ray_version_and_images_are_pinned(target):
                 f"{where}: image {image} does not pin Ray {ray}"
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_entrypoint_parses_with_the_real_cli(target):
+def entrypoint_params(job: dict) -> dict:
+    """The job's entrypoint parsed by the real click command it runs (`jobs/<command>.py`)."""
     from vits_ray.cli import main
+
+    command = JOBS[job["metadata"]["name"]]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", f"jobs/{command}.py"] and (REPO / "jobs" / f"{command}.py").is_file()
+    # Not resilient: an unknown or renamed option, or a missing required one, raises here.
+    return main.commands[command].make_context(f"jobs/{command}.py", argv[2:]).params
+
+
+def cpus(quantity) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def worker_slots(job: dict, gpu: bool, cpus_per_worker: int) -> int:
+    """Ray Train workers the job's own cluster holds at full scale: per pod, its GPUs, or its CPUs
+    over each worker's (the head trains nothing: num-cpus 0, no GPU)."""
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    slots = 0
+    for group in spec["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        per_pod = int(limits.get("nvidia.com/gpu", 0)) if gpu else int(cpus(limits["cpu"]) // cpus_per_worker)
+        slots += group["maxReplicas"] * per_pod
+    return slots
+
+
+def total_cpus(job: dict) -> float:
+    return sum(g["maxReplicas"] * cpus(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+               for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_training_entrypoint_parses_with_the_real_cli_and_fits(target):
     from vits_ray.config import load_config
 
-    (job,) = by_kind(rendered(target), "RayJob")
-    argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:2] == ["python", "jobs/train.py"] and (REPO / "jobs" / "train.py").is_file()
-    # Not resilient: an unknown or renamed option, or a missing required one, raises here.
-    ctx = main.commands["train"].make_context("jobs/train.py", argv[2:])
-    params = ctx.params
+    job = job_named(rendered(target), "vits-ray-train")
+    params = entrypoint_params(job)
     assert params["name"] and params["storage"].startswith("s3://") and params["data"].startswith("s3://")
     load_config(params["config_path"], params["overrides"])  # the recipe exists and is valid
     # The job must fit in the cluster it brings up, or it waits forever for workers.
-    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    if params["gpu"]:
-        capacity = sum(g["maxReplicas"] * int(gpus(g["template"]["spec"]["containers"][0])[1] or 0) for g in groups)
-    else:
-        capacity = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
-                       for g in groups) // params["cpus_per_worker"]
+    capacity = worker_slots(job, params["gpu"], params["cpus_per_worker"])
     assert 1 <= params["workers"] <= capacity, f"--workers {params['workers']} > capacity {capacity}"
+
+
+# Each trial's own function (the trainable that drives its Train run) asks for this much CPU
+# (`tune.with_resources(..., {"CPU": 0.01})` in vits_ray/tune/sweep.py); its workers come on top.
+TRIAL_CPU = 0.01
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_sweep_entrypoint_parses_with_the_real_cli_and_fits(target):
+    from vits_ray.config import RECIPE_DIR, load_config
+    from vits_ray.tune.space import load_space
+    from vits_ray.tune.sweep import SweepJob
+
+    docs = rendered(target)
+    job = job_named(docs, "vits-ray-sweep")
+    params = entrypoint_params(job)
+    assert params["name"] and params["storage"].startswith("s3://") and params["data"].startswith("s3://")
+    cfg = load_config(params["config_path"], params["overrides"])
+    # The space file is in the repo (the job's working dir), and every key and range fits the recipe.
+    space = REPO / params["space_path"] if params["space_path"] else RECIPE_DIR / "tune_lr.toml"
+    assert space.is_file(), space
+    assert load_space(space, cfg).keys
+    assert params["workers"] >= 1 and 1 <= params["concurrent"] <= params["trials"]
+    assert params["max_steps"] >= 1
+    # It tunes what the training job of the same overlay trains: the same recipe, shards and
+    # device, but in a place of its own.
+    train = entrypoint_params(job_named(docs, "vits-ray-train"))
+    assert (params["config_path"], params["overrides"], params["data"], params["gpu"]) == \
+        (train["config_path"], train["overrides"], train["data"], train["gpu"])
+    assert f"{params['storage']}/{params['name']}" != f"{train['storage']}/{train['name']}"
+    # All --concurrent trials at once must fit the cluster the job brings up, or Tune holds trials
+    # back that --concurrent promised (or, over the autoscaler's maximum, waits forever).
+    per_worker = SweepJob.cpus_per_worker  # `vits-ray tune` has no --cpus-per-worker
+    at_once = params["concurrent"] * params["workers"]
+    capacity = worker_slots(job, params["gpu"], per_worker)
+    assert at_once <= capacity, f"--concurrent {params['concurrent']} x --workers {params['workers']} > {capacity}"
+    cpu_needed = params["concurrent"] * TRIAL_CPU + (0 if params["gpu"] else at_once * per_worker)
+    assert cpu_needed <= total_cpus(job)
