@@ -7,7 +7,9 @@ Speaks the held-out split with the run's export and scores it against the record
 lands beside the run, where `vits-ray report` finds it); or compares two folders of WAVs.
 """
 
-from vits_ray.cli import main
+import sys
+
+from vits_ray.cli import evaluate
 
 if __name__ == "__main__":
-    main(["evaluate", *__import__("sys").argv[1:]], prog_name="jobs/evaluate.py")
+    evaluate(sys.argv[1:], prog_name="jobs/evaluate.py")  # the subcommand itself: usage reads "jobs/evaluate.py [OPTIONS]"

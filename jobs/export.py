@@ -6,7 +6,9 @@
 Exports the generator to ONNX, checked against PyTorch before anything is written.
 """
 
-from vits_ray.cli import main
+import sys
+
+from vits_ray.cli import export_cmd
 
 if __name__ == "__main__":
-    main(["export", *__import__("sys").argv[1:]], prog_name="jobs/export.py")
+    export_cmd(sys.argv[1:], prog_name="jobs/export.py")  # the subcommand itself: usage reads "jobs/export.py [OPTIONS]"

@@ -7,7 +7,9 @@ The corpus folder must be readable where the job's driver runs (it travels with 
 when it is inside the repo, or lives on a shared disk); the shards go wherever --output says.
 """
 
-from vits_ray.cli import main
+import sys
+
+from vits_ray.cli import prepare
 
 if __name__ == "__main__":
-    main(["prepare", *__import__("sys").argv[1:]], prog_name="jobs/prepare.py")
+    prepare(sys.argv[1:], prog_name="jobs/prepare.py")  # the subcommand itself: usage reads "jobs/prepare.py [OPTIONS]"

@@ -5,7 +5,9 @@
 Reads a run (STORAGE/NAME, a metrics.jsonl or a Coqui trainer log) and writes the report.
 """
 
-from vits_ray.cli import main
+import sys
+
+from vits_ray.cli import report
 
 if __name__ == "__main__":
-    main(["report", *__import__("sys").argv[1:]], prog_name="jobs/report.py")
+    report(sys.argv[1:], prog_name="jobs/report.py")  # the subcommand itself: usage reads "jobs/report.py [OPTIONS]"

@@ -6,7 +6,9 @@
 The WAVs are written where the job's driver runs (--out is a local folder there).
 """
 
-from vits_ray.cli import main
+import sys
+
+from vits_ray.cli import synth
 
 if __name__ == "__main__":
-    main(["synth", *__import__("sys").argv[1:]], prog_name="jobs/synth.py")
+    synth(sys.argv[1:], prog_name="jobs/synth.py")  # the subcommand itself: usage reads "jobs/synth.py [OPTIONS]"

@@ -6,7 +6,9 @@
 It joins the cluster in RAY_ADDRESS (set by `ray job submit`), or starts a local one.
 """
 
-from vits_ray.cli import main
+import sys
+
+from vits_ray.cli import train
 
 if __name__ == "__main__":
-    main(["train", *__import__("sys").argv[1:]], prog_name="jobs/train.py")
+    train(sys.argv[1:], prog_name="jobs/train.py")  # the subcommand itself: usage reads "jobs/train.py [OPTIONS]"

@@ -6,7 +6,9 @@
 It joins the cluster in RAY_ADDRESS (set by `ray job submit`), or starts a local one.
 """
 
-from vits_ray.cli import main
+import sys
+
+from vits_ray.cli import tune
 
 if __name__ == "__main__":
-    main(["tune", *__import__("sys").argv[1:]], prog_name="jobs/tune.py")
+    tune(sys.argv[1:], prog_name="jobs/tune.py")  # the subcommand itself: usage reads "jobs/tune.py [OPTIONS]"
