@@ -551,7 +551,6 @@ TRIAL_CPU = 0.01
 def test_sweep_entrypoint_parses_with_the_real_cli_and_fits(target):
     from vits_ray.config import RECIPE_DIR, load_config
     from vits_ray.tune.space import load_space
-    from vits_ray.tune.sweep import SweepJob
 
     docs = rendered(target)
     job = job_named(docs, "vits-ray-sweep")
@@ -572,7 +571,7 @@ def test_sweep_entrypoint_parses_with_the_real_cli_and_fits(target):
     assert f"{params['storage']}/{params['name']}" != f"{train['storage']}/{train['name']}"
     # All --concurrent trials at once must fit the cluster the job brings up, or Tune holds trials
     # back that --concurrent promised (or, over the autoscaler's maximum, waits forever).
-    per_worker = SweepJob.cpus_per_worker  # `vits-ray tune` has no --cpus-per-worker
+    per_worker = params["cpus_per_worker"]
     at_once = params["concurrent"] * params["workers"]
     capacity = worker_slots(job, params["gpu"], per_worker)
     assert at_once <= capacity, f"--concurrent {params['concurrent']} x --workers {params['workers']} > {capacity}"

@@ -162,7 +162,9 @@ def train(config_path, overrides, data, storage, name, workers, gpu, max_steps, 
 @click.option("--max-steps", default=200, show_default=True, help="Steps of a trial that ASHA does not stop.")
 @click.option("--workers", default=1, show_default=True, help="Ray Train workers per trial.")
 @click.option("--gpu/--cpu", default=False, show_default=True, help="Train on GPUs or CPUs.")
-def tune(config_path, overrides, data, storage, name, space_path, trials, concurrent, max_steps, workers, gpu) -> None:
+@click.option("--cpus-per-worker", default=1, show_default=True, help="CPU cores (and torch threads) per trial worker.")
+def tune(config_path, overrides, data, storage, name, space_path, trials, concurrent, max_steps, workers, gpu,
+         cpus_per_worker) -> None:
     """Search learning-rate schedules with Ray Tune + Optuna, scored for stability as well as loss."""
     from vits_ray.config import RECIPE_DIR
     from vits_ray.recovery import RunAbortedError
@@ -173,7 +175,7 @@ def tune(config_path, overrides, data, storage, name, space_path, trials, concur
     load_or_exit(config_path, overrides)
     sweep = SweepJob(recipe=config_path, overrides=tuple(overrides), space_path=space_path or str(RECIPE_DIR / "tune_lr.toml"),
                      data_uri=data, storage_uri=storage, name=name, trials=trials, concurrent=concurrent,
-                     max_steps=max_steps, workers=workers, use_gpu=gpu)
+                     max_steps=max_steps, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker)
     try:
         outcome = run_sweep(sweep)
     except (SpaceError, TrainSetupError, RunAbortedError, SweepFailedError) as err:
