@@ -208,10 +208,6 @@ def report(run, out_dir) -> None:
 
 # --- speaking and exporting ---------------------------------------------------------------
 
-MODEL_HELP = ("MODEL is a run (STORAGE/NAME: its export/), an export folder (model.pth + config.json) or an "
-              ".onnx file from `vits-ray export`; local or s3://.")
-
-
 @main.command()
 @click.argument("model")
 @click.option("--text", "texts", multiple=True, help="A sentence to speak (repeatable).")

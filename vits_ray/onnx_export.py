@@ -180,3 +180,12 @@ def export_onnx(voice: TorchVoice, out_uri: str, storage_cfg=None,
         size = path.stat().st_size
     return OnnxExport(uri=store.url(name), sidecar_uri=store.url(name + ONNX_SIDECAR_SUFFIX), parity=parity,
                       export_seconds=exported, size_bytes=size)
+
+
+def as_onnx_voice(voice: TorchVoice) -> OnnxVoice:
+    """`voice` exported (parity-checked) to a temporary file and loaded in ONNX Runtime; the session
+    holds the model, so the file goes at once."""
+    with tempfile.TemporaryDirectory(prefix="vits-ray-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(voice, str(path))
+        return OnnxVoice.from_file(path, f"{voice.source} (exported to ONNX now)", voice.threads)

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vits_ray.voice import PreparedText, Scales, Voice, VoiceError, pcm16
+from vits_ray.data.audio import to_pcm16
+from vits_ray.voice import PreparedText, Scales, Voice, VoiceError
 
 SUMMARY_FILE = "synth.json"
 
@@ -87,7 +88,7 @@ def speak_lines(voice: Voice, lines: list[tuple[int, str]], out_dir: Path, scale
         audio = voice.synthesize(text.token_ids, scales)
         elapsed = time.perf_counter() - started
         name = f"{index:04d}.wav"
-        sf.write(out_dir / name, pcm16(audio), voice.sample_rate, subtype="PCM_16")
+        sf.write(out_dir / name, to_pcm16(audio), voice.sample_rate, subtype="PCM_16")
         spoken.append(SpokenLine(line=number, file=name, text=text.text, normalized=text.normalized,
                                  dropped=[f"{c!r} {n} at {p}" for p, c, n in text.dropped],
                                  audio_seconds=len(audio) / voice.sample_rate, synth_seconds=elapsed))

@@ -194,8 +194,6 @@ def closing_after(trainer) -> Iterator[None]:
 
 def _export_final(trainer) -> None:
     """STORAGE/NAME/export/: the best model by validation mel loss, else the final weights."""
-    from vits_ray.model import export_coqui
-
     run_store, progress = trainer.run_store, trainer.progress
     with tempfile.TemporaryDirectory() as tmp:
         if run_store.exists("best/model.pth"):
@@ -204,8 +202,7 @@ def _export_final(trainer) -> None:
                          else f"val mel loss {progress.best_val_loss_mel:.3f}")
             source = f"best model (step {progress.best_step}, {chosen_by})"
         else:
-            export_coqui(trainer.model, trainer.cfg, trainer.vocab, Path(tmp), progress.step,
-                         trainer.manifest.get("normalizer_version"))
+            trainer.export(Path(tmp))
             source = f"final weights (step {progress.step}; no validation has run)"
         run_store.upload_dir(tmp, "export")
     say(f"[vits-ray] exported {source} to {run_store.url('export')}")

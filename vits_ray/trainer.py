@@ -458,7 +458,7 @@ class Trainer:
         if self.quality_probe is None:  # else the best model is chosen by measured quality
             self._consider_best("best_val_loss_mel", val["val_loss_mel"])
 
-    def measure_quality(self) -> dict[str, Any]:
+    def measure_quality(self) -> None:
         """The `quality` record: every rank speaks its share of the fixed utterances; one all-reduce."""
         from vits_ray.evaluate.probe import quality_record
 
@@ -476,21 +476,24 @@ class Trainer:
             self.quality_probe.last_error = ""
         if math.isfinite(record["mcd_dtw_db"]):
             self._consider_best("best_mcd_dtw_db", record["mcd_dtw_db"])
-        return record
 
     def _consider_best(self, field: str, value: float) -> None:
         """A new best (the same numbers on every rank) replaces `best/` (rank 0 writes it)."""
-        from vits_ray.model import export_coqui
-
         if not value < getattr(self.progress, field):
             return
         setattr(self.progress, field, value)
         self.progress.best_step = self.progress.step
         if self.rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                export_coqui(self.model, self.cfg, self.vocab, Path(tmp), self.progress.step,
-                             self.manifest.get("normalizer_version"))
+                self.export(Path(tmp))
                 self.run_store.upload_dir(tmp, "best")
+
+    def export(self, directory: Path) -> None:
+        """The current weights in Coqui's format, marked with the normaliser their data was prepared by."""
+        from vits_ray.model import export_coqui
+
+        export_coqui(self.model, self.cfg, self.vocab, directory, self.progress.step,
+                     self.manifest.get("normalizer_version"))
 
     # --- the loop -----------------------------------------------------------------------------
 

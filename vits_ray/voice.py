@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vits_ray.model import EXPORT_FILES
 from vits_ray.text import NORMALIZER_VERSION, UnsupportedCharactersError, Vocabulary, normalize_text
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class Voice:
                              + " (pass --drop-unsupported to speak the rest)")
         dropped = {p for p, _, _ in problems}
         kept = " ".join("".join(c for i, c in enumerate(normalized) if i not in dropped).split())
-        if not kept.strip():
+        if not kept:
             raise VoiceError(f"{where}nothing speakable is left of {text!r}")
         return PreparedText(text=text, normalized=kept, token_ids=self.vocab.encode(kept), dropped=problems)
 
@@ -112,6 +113,7 @@ class TorchVoice(Voice):
     def __init__(self, model: "Vits", coqui_config: dict[str, Any], vocab: Vocabulary, source: str,
                  threads: int):
         meta = coqui_config.get("vits_ray", {})
+        # Exports from before the version was recorded were all prepared by version 1.
         super().__init__(vocab, int(coqui_config["audio"]["sample_rate"]),
                          int(meta.get("normalizer_version", 1)), meta.get("step"), source, threads)
         self.model = model
@@ -273,20 +275,12 @@ def load_voice(source: str, onnx: bool = False, threads: int | None = None, stor
         if onnx and store.exists("model.onnx"):
             store.download_file("model.onnx", local / "model.onnx")
             return OnnxVoice.from_file(local / "model.onnx", store.url("model.onnx"), threads)
-        for file in ("model.pth", "config.json", "vocab.json"):
-            if file != "vocab.json" or store.exists(file):
+        for file in EXPORT_FILES:
+            if file != "vocab.json" or store.exists(file):  # exports before vocab.json: rebuilt from config.json
                 store.download_file(file, local / file)
         voice = load_export(local, store.uri, threads)
     if onnx:
-        from vits_ray.onnx_export import export_onnx
+        from vits_ray.onnx_export import as_onnx_voice
 
-        with tempfile.TemporaryDirectory(prefix="vits-ray-onnx-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            export_onnx(voice, str(path))
-            return OnnxVoice.from_file(path, f"{store.uri} (exported to ONNX now)", threads)
+        return as_onnx_voice(voice)
     return voice
-
-
-def pcm16(audio: np.ndarray) -> np.ndarray:
-    """Float audio as 16-bit PCM, clipped to full scale."""
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype(np.int16)

@@ -28,6 +28,7 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, wo
     from vits_ray.demo.corpus import write_demo_corpus
     from vits_ray.config import RECIPE_DIR
     from vits_ray.report import write_report, write_sweep_report
+    from vits_ray.evaluate import RUN_EVAL_DIR
     from vits_ray.evaluate.pipeline import evaluate_model
     from vits_ray.onnx_export import export_onnx
     from vits_ray.synth import format_summary, speak_lines
@@ -65,7 +66,7 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, wo
     exported = export_onnx(voice, onnx_path)
     print(exported.parity.format_text(), flush=True)
 
-    evaluation_uri = f"{outcome.run_uri}/eval"
+    evaluation_uri = f"{outcome.run_uri}/{RUN_EVAL_DIR}"
     print(f"[demo] 5/7 evaluate: the model against the val split's recordings -> {evaluation_uri}", flush=True)
     evaluation = evaluate_model(outcome.run_uri, str(shards), evaluation_uri, max_utterances=8)
     print(evaluation.format_text(), flush=True)

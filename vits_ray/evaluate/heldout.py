@@ -18,12 +18,8 @@ class HeldOut:
     audio: np.ndarray  # float32 mono in [-1, 1]
     sample_rate: int
 
-    @property
-    def seconds(self) -> float:
-        return len(self.audio) / self.sample_rate
 
-
-def split_ids(manifest: dict, split: str) -> list[dict]:
+def split_entries(manifest: dict, split: str) -> list[dict]:
     """The manifest's shard entries of `split`; ValueError naming the splits that exist when empty."""
     entries = [s for s in manifest["shards"] if s["split"] == split]
     if not entries:
@@ -38,7 +34,7 @@ def read_held_out(store, manifest: dict, split: str = "val", limit: int = 0) -> 
     from vits_ray.data.shards import read_shard
 
     rows = []
-    for entry in split_ids(manifest, split):
+    for entry in split_entries(manifest, split):
         table = read_shard(store, entry)
         for uid, text, pcm in zip(table.column("id").to_pylist(), table.column("normalized_text").to_pylist(),
                                   table.column("audio_pcm16").to_pylist()):

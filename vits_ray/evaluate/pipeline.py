@@ -25,14 +25,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vits_ray.evaluate.heldout import HeldOut
+from vits_ray.evaluate import EVAL_CSV, EVAL_JSON, SAMPLES_DIR
 from vits_ray.evaluate.metrics import DEFAULT_SETTINGS, MetricSettings, analyse, compare, summarize
 
 METRICS = ("mcd_dtw_db", "f0_rmse_cents", "vuv_error", "duration_ratio")
 RTFS = ("rtf_torch", "rtf_onnx")
-EVAL_JSON = "eval.json"
-EVAL_CSV = "eval.csv"
-SAMPLES_DIR = "samples"
 UNITS = {"mcd_dtw_db": "dB", "f0_rmse_cents": "cents", "vuv_error": "fraction of frames",
          "duration_ratio": "synthesised / reference", "rtf_torch": "s per s of audio", "rtf_onnx": "s per s of audio"}
 
@@ -147,7 +144,7 @@ def evaluate_model(model: str, data: str, out: str, split: str = "val", max_utte
     from vits_ray.data.shards import read_manifest
     from vits_ray.evaluate.heldout import read_held_out
     from vits_ray.storage import StorageError, open_store
-    from vits_ray.voice import OnnxVoice, Scales, TorchVoice, VoiceError, load_voice
+    from vits_ray.voice import Scales, TorchVoice, VoiceError, load_voice
 
     if threads:
         torch.set_num_threads(threads)
@@ -157,15 +154,11 @@ def evaluate_model(model: str, data: str, out: str, split: str = "val", max_utte
         utterances = read_held_out(store, read_manifest(store), split, max_utterances)
     except (StorageError, ValueError) as err:
         raise EvaluationError(f"--data {data}: {err}") from None
-    onnx_voice = voice if isinstance(voice, OnnxVoice) else None
+    runtimes = [voice]  # the first speaks what is scored; an ONNX copy of a torch model is only timed
     if onnx and isinstance(voice, TorchVoice):
-        from vits_ray.onnx_export import export_onnx
+        from vits_ray.onnx_export import as_onnx_voice
 
-        with tempfile.TemporaryDirectory(prefix="vits-ray-eval-onnx-") as tmp:
-            export_onnx(voice, str(Path(tmp) / "model.onnx"))
-            onnx_voice = OnnxVoice.from_file(Path(tmp) / "model.onnx", f"{voice.source} (as ONNX)", voice.threads)
-
-    runtimes = [voice] + ([onnx_voice] if onnx_voice is not None and onnx_voice is not voice else [])
+        runtimes.append(as_onnx_voice(voice))
     scales = Scales()
     rows, audio_of = [], {}
     warmed = set()
@@ -258,7 +251,7 @@ def write_evaluation(evaluation: Evaluation, out: str, audio_of: dict[str, tuple
     import soundfile as sf
 
     from vits_ray.storage import open_store
-    from vits_ray.voice import pcm16
+    from vits_ray.data.audio import to_pcm16
 
     store = open_store(out, storage_cfg)
     with tempfile.TemporaryDirectory(prefix="vits-ray-eval-") as tmp:
@@ -274,7 +267,7 @@ def write_evaluation(evaluation: Evaluation, out: str, audio_of: dict[str, tuple
         for uid, (reference, synthesized, sample_rate) in audio_of.items():
             (folder / SAMPLES_DIR).mkdir(exist_ok=True)
             for suffix, audio in (("ref", reference), ("syn", synthesized)):
-                sf.write(folder / SAMPLES_DIR / f"{uid}.{suffix}.wav", pcm16(audio), sample_rate, subtype="PCM_16")
+                sf.write(folder / SAMPLES_DIR / f"{uid}.{suffix}.wav", to_pcm16(audio), sample_rate, subtype="PCM_16")
             evaluation.samples.append({"id": uid, "text": texts.get(uid, ""),
                                        "reference": f"{SAMPLES_DIR}/{uid}.ref.wav",
                                        "synthesized": f"{SAMPLES_DIR}/{uid}.syn.wav"})

@@ -18,11 +18,12 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from vits_ray.evaluate import EVAL_JSON, RUN_EVAL_DIR
 from vits_ray.report.load import ReportError
 from vits_ray.report.quality import Evaluation, Sample, SampleFile
 
-EVAL_FILE = "eval.json"
-RUN_EVAL = "eval/eval.json"
+EVAL_FILE = EVAL_JSON
+RUN_EVAL = f"{RUN_EVAL_DIR}/{EVAL_JSON}"
 SAMPLES_DIR = "samples"  # under the report's folder
 
 
