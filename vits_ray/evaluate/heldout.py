@@ -30,11 +30,17 @@ def split_entries(manifest: dict, split: str) -> list[dict]:
 
 
 def read_held_out(store, manifest: dict, split: str = "val", limit: int = 0) -> list[HeldOut]:
-    """The first `limit` utterances of `split` by id (all with 0), shards checked against the manifest."""
+    """The first `limit` utterances of `split` by id (all with 0), shards checked against the manifest.
+
+    `prepare` writes a split's utterances sorted by id into shards in order, so only the shards that
+    hold the first `limit` are read: at the reference scale every worker of a run reads these at
+    start, and the whole val split would be hundreds of MB from S3 each."""
     from vits_ray.data.shards import read_shard
 
     rows = []
     for entry in split_entries(manifest, split):
+        if limit and len(rows) >= limit:
+            break
         table = read_shard(store, entry)
         for uid, text, pcm in zip(table.column("id").to_pylist(), table.column("normalized_text").to_pylist(),
                                   table.column("audio_pcm16").to_pylist()):
