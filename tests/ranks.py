@@ -30,11 +30,27 @@ class DirectorySession:
         self.skipped: list[str] = []
 
     @contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
+    def latest_checkpoint(self, why_unusable=None) -> Iterator[Path | None]:
         found = sorted(self.root.glob("checkpoint_*"))
         yield found[-1] if found else None
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
+    def _checkpoints(self):
+        from vits_ray.run_checkpoints import RunCheckpoints
+        from vits_ray.storage import open_store
+
+        return RunCheckpoints(open_store(str(self.root)), keep_last=1_000_000)
+
+    def list_checkpoints(self):
+        return self._checkpoints().infos()
+
+    def checkpoint(self, name: str):
+        return self._checkpoints().verified(name)
+
+    def supersede(self, names) -> None:
+        pass  # every folder is kept, for the test to read
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None,
+               keep: tuple[str, ...] = ()) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
             shutil.copytree(checkpoint_dir, self.root / name, dirs_exist_ok=True)

@@ -4,7 +4,9 @@ runs code when it is read.
 `state.pt` holds both models (Coqui keeps generator and discriminator in one module), both
 optimizers, the AMP scaler, counters, the data position, every rank's RNG states, the stability
 guard and the best validation score; `config.toml` and `vocab.json` sit beside it for humans and
-tools; `digest.json`, written last, gives every other file's size and SHA-256.
+tools; `meta.json` says what the checkpoint is to the rollback rules (its step, its generation
+and the stability guard's verdict: see `rollbacks`), small enough to read before choosing which
+checkpoint to download; `digest.json`, written last, gives every other file's size and SHA-256.
 
 Two different guarantees, two different mechanisms:
 - Integrity (a truncated upload, a flipped bit): `verify` checks the digest before anything is read.
@@ -34,6 +36,8 @@ from vits_ray.errors import NonRetryable
 
 STATE_FILE = "state.pt"
 DIGEST_FILE = "digest.json"
+# What the rollback rules need without reading the state: step, generation, the guard's verdict.
+META_FILE = "meta.json"
 DIGEST_FORMAT = 1
 
 
@@ -311,12 +315,15 @@ def verify(directory: Path) -> None:
 
 # --- the folder ---------------------------------------------------------------------------
 
-def write(directory: Path, state: dict[str, Any], config_toml: str, vocab: dict) -> None:
+def write(directory: Path, state: dict[str, Any], config_toml: str, vocab: dict,
+          meta: dict[str, Any] | None = None) -> None:
     """Write the checkpoint's files, then `digest.json` covering every other file in `directory`."""
     check_plain(state)
     directory.mkdir(parents=True, exist_ok=True)
     entries = {STATE_FILE: _write_hashed(directory / STATE_FILE, lambda f: torch.save(state, f))}
     texts = {"config.toml": config_toml, "vocab.json": json.dumps(vocab, ensure_ascii=False, sort_keys=True)}
+    if meta is not None:
+        texts[META_FILE] = json.dumps(meta, sort_keys=True, allow_nan=False)
     for name, text in texts.items():
         data = text.encode("utf-8")
         entries[name] = _write_hashed(directory / name, lambda f: f.write(data))
@@ -325,6 +332,19 @@ def write(directory: Path, state: dict[str, Any], config_toml: str, vocab: dict)
             entries[path.name] = _file_entry(path)
     digest = {"format": DIGEST_FORMAT, "files": entries}
     (directory / DIGEST_FILE).write_text(json.dumps(digest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def parse_meta(data: bytes | None, where: str) -> dict[str, Any]:
+    """A checkpoint's `meta.json` (None: a checkpoint written before there was one)."""
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CorruptCheckpointError(f"{where}: {META_FILE} is unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(f"{where}: {META_FILE} is not a JSON object")
+    return meta
 
 
 def read(directory: Path) -> dict[str, Any]:

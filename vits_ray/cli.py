@@ -127,9 +127,10 @@ def build_job(config_path, overrides, data, storage, name, workers, gpu, max_ste
 @click.option("--gpu/--cpu", default=False, show_default=True, help="Train on GPUs or CPUs.")
 @click.option("--max-steps", default=0, show_default=True, help="Stop at this global step (0: train.epochs).")
 @click.option("--init-from", default=None, help="Coqui checkpoint folder (model.pth + config.json) to warm start from.")
-@click.option("--drill", "drills", multiple=True, metavar="nan@STEP|spike@STEP|blowup@STEP",
-              help="Rehearse the stability guard: poison a batch, spike the learning rate, or blow up "
-                   "the weights so that the next forward pass raises.")
+@click.option("--drill", "drills", multiple=True, metavar="nan@STEP|spike@STEP|blowup@STEP|diverge@STEP",
+              help="Rehearse the stability guard: poison a batch, spike the learning rate, blow up "
+                   "the weights so that the next forward pass raises, or keep the learning rate far "
+                   "too high from STEP on (the rollback budget ends the run).")
 @click.option("--cpus-per-worker", default=1, show_default=True, help="CPU cores (and torch threads) per worker.")
 @click.option("--local", is_flag=True,
               help="One worker in this process, without Ray (a laptop or one GPU; starts ~10 s sooner).")

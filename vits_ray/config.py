@@ -257,6 +257,11 @@ class StabilityConfig:
     # The AMP scale decreasing this many times without growing, within this many steps, is a collapse.
     amp_max_halvings: int = 10
     amp_halving_window_steps: int = 1000
+    # An exception from Coqui's forward is a blow-up (roll back), not a bug, when a module's weights
+    # grew more than this factor since the last clean checkpoint, or when one of the last
+    # `blowup_lookback_steps` observed steps had an elevated loss (see vits_ray.blowup).
+    blowup_norm_factor: float = 10.0
+    blowup_lookback_steps: int = 5
 
     def validate(self, prefix: str) -> None:
         _check(self.window >= 5, f"{prefix}.window", "must be >= 5")
@@ -274,6 +279,8 @@ class StabilityConfig:
         _check(self.max_consecutive_nonfinite >= 1, f"{prefix}.max_consecutive_nonfinite", "must be >= 1")
         _check(self.amp_max_halvings >= 1, f"{prefix}.amp_max_halvings", "must be >= 1")
         _check(self.amp_halving_window_steps > 0, f"{prefix}.amp_halving_window_steps", "must be positive")
+        _check(self.blowup_norm_factor > 1.0, f"{prefix}.blowup_norm_factor", "must be > 1")
+        _check(self.blowup_lookback_steps >= 1, f"{prefix}.blowup_lookback_steps", "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,5 +1,6 @@
 """A run's checkpoint folders in storage (STORAGE/NAME/checkpoint_XXXXXXXX/): find the newest one
-that verifies, upload a new one so that it counts only once complete, and keep the last few.
+that verifies and may be resumed from, upload a new one so that it counts only once complete, and
+keep the last few.
 
 Both ways of running share it: Ray Train's sessions upload through it (`checkpoint_upload_fn`, so
 uploads get the store's retries) and a local run uses it directly. Resuming lists the folders
@@ -10,7 +11,10 @@ A folder is complete when its `digest.json` exists: it is uploaded last, after e
 names. Incomplete folders (an upload interrupted by a crash or an outage) and corrupt ones newer
 than the checkpoint resumed from belong to a timeline the resumed run recomputes; they are
 removed (by rank 0, at its next save: by then no rank can still be reading them), so that a
-later save of the same step starts from an empty folder.
+later save of the same step starts from an empty folder. So are the folders that the rollback
+rules refuse (`rollbacks.RollbackLedger.why_unusable`: abandoned by a rollback, or written while
+training was unstable): whoever resumes says which, from each folder's small `meta.json`, before
+anything large is downloaded.
 """
 
 from __future__ import annotations
@@ -19,15 +23,20 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from vits_ray import checkpoint as ckpt_io
+from vits_ray.rollbacks import CheckpointInfo
 
 PREFIX = "checkpoint_"
 
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
+
+
+def step_of(name: str) -> int:
+    return int(name[len(PREFIX):])
 
 
 @dataclass
@@ -50,20 +59,39 @@ class RunCheckpoints:
         complete = set(ckpt_io.complete_folders(keys))
         return {name: name in complete for name in sorted({k.split("/")[0] for k in keys})}
 
+    def info(self, name: str) -> CheckpointInfo:
+        """What a complete folder's `meta.json` says (read before verifying: it only decides what to
+        skip; the folder chosen is verified whole). A folder from before meta.json is `unjudged`."""
+        rel = f"{name}/{ckpt_io.META_FILE}"
+        data = self.run_store.read_bytes(rel) if self.run_store.exists(rel) else None
+        meta = ckpt_io.parse_meta(data, self.run_store.url(name))
+        return CheckpointInfo.from_meta(name, meta) if meta else CheckpointInfo(name, step_of(name))
+
+    def infos(self) -> list[CheckpointInfo]:
+        """Every complete checkpoint folder, oldest first."""
+        return [self.info(name) for name, complete in self.folders().items() if complete]
+
     @contextmanager
-    def newest_valid(self) -> Iterator[Found]:
-        """Download the newest checkpoint that verifies; yield it while the local copy exists.
-        The incomplete and corrupt folders newer than it are left for `prune` to remove."""
+    def newest_valid(self, why_unusable: Callable[[CheckpointInfo], str | None] = lambda info: None
+                     ) -> Iterator[Found]:
+        """Download the newest checkpoint that verifies and that `why_unusable` does not refuse;
+        yield it while the local copy exists. The folders newer than it are left for `prune`."""
         skipped: list[str] = []
         with tempfile.TemporaryDirectory(prefix="vits-ray-resume-") as tmp:
             for name, complete in reversed(list(self.folders().items())):
                 if not complete:
                     skipped.append(f"{name}: incomplete (no {ckpt_io.DIGEST_FILE}; an interrupted upload)")
                     continue
-                local = Path(tmp) / name
-                self.run_store.download_dir(name, local)
                 try:
-                    ckpt_io.verify(local)
+                    refused = why_unusable(self.info(name))
+                except ckpt_io.CorruptCheckpointError as err:
+                    refused = str(err)
+                if refused:
+                    skipped.append(f"{name}: {refused}")
+                    continue
+                local = Path(tmp) / name
+                try:
+                    self._download_verified(name, local)
                 except ckpt_io.CorruptCheckpointError as err:
                     skipped.append(f"{name}: {str(err).replace(f'{local}: ', '')}")
                     continue
@@ -72,6 +100,22 @@ class RunCheckpoints:
                 return
             self.superseded = [note.split(":", 1)[0] for note in skipped]
             yield Found(None, skipped)
+
+    @contextmanager
+    def verified(self, name: str) -> Iterator[Path]:
+        """One checkpoint folder, downloaded and verified, while the local copy exists."""
+        with tempfile.TemporaryDirectory(prefix="vits-ray-rollback-") as tmp:
+            local = Path(tmp) / name
+            self._download_verified(name, local)
+            yield local
+
+    def _download_verified(self, name: str, local: Path) -> None:
+        self.run_store.download_dir(name, local)
+        ckpt_io.verify(local)
+
+    def supersede(self, names: Iterable[str]) -> None:
+        """Folders of a timeline a rollback abandoned: removed by the next `prune`."""
+        self.superseded += [n for n in names if n not in self.superseded]
 
     def upload(self, local_dir: Path, name: str) -> None:
         """Every file, then the digest: the folder counts as a checkpoint only once all arrived.
@@ -84,9 +128,11 @@ class RunCheckpoints:
         for file in files + [ckpt_io.DIGEST_FILE]:
             self.run_store.upload_file(local_dir / file, f"{name}/{file}")
 
-    def prune(self) -> None:
+    def prune(self, keep: Iterable[str] = ()) -> None:
         """After a save (one rank): the folders superseded on resuming go, and of the rest the
-        newest `keep_last` complete checkpoints stay; older folders go, complete or not."""
+        newest `keep_last` complete checkpoints stay, and those in `keep` (the newest one known to
+        be clean: a rollback may need to go back past the newer ones); older folders go."""
+        keep = set(keep)
         for name in self.superseded:
             if name not in self._just_uploaded:  # a step saved again: the new one is in its place
                 self.run_store.delete_prefix(name)
@@ -97,5 +143,5 @@ class RunCheckpoints:
             return
         oldest_kept = complete[-self.keep_last]
         for name in folders:
-            if name < oldest_kept:
+            if name < oldest_kept and name not in keep:
                 self.run_store.delete_prefix(name)

@@ -9,9 +9,9 @@ Pieces, one job each:
 - `SpikeDetector`: robust online detector of upward jumps in one series (median + MADs).
 - `SeriesMonitor`: one detector per named series (`loss_1`, `loss_mel`, `loss_kl`).
 - `AmpScaleMonitor`: the AMP GradScaler's scale collapsing (the prelude to all-NaN losses).
-- `RollbackBudget`: at most `max_rollbacks` within `rollback_window_steps`, else fail loudly.
 - `CheckpointCadence`: save more often while training is unstable.
-- `StabilityGuard`: composes them; `find_spikes` runs the same detector offline for the report.
+- `StabilityGuard`: composes them with the run's `rollbacks.RollbackLedger` (budget, backoff, where
+  a rollback goes); `find_spikes` runs the same detector offline for the report.
 
 Semantics worth knowing (the "why" behind the numbers):
 - A value is *suspicious* when it exceeds both median + threshold_mads * 1.4826 * MAD of the window
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 
 from vits_ray.config import StabilityConfig
-from vits_ray.errors import NonRetryable
+from vits_ray.rollbacks import RollbackEntry, RollbackLedger, TooManyRollbacksError  # noqa: F401 (raised through the guard)
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed data.
 MAD_TO_SIGMA = 1.4826
@@ -58,16 +58,12 @@ PROBATION_FRACTION = 0.5
 PER_EPOCH_OVERRIDES: dict[str, Any] = {"window": 30, "min_history": 10, "confirm_steps": 2}
 
 EventKind = Literal["nonfinite", "spike", "amp_collapse", "blowup", "rollback", "lr_backoff",
-                    "cadence_unstable", "cadence_calm"]
+                    "cadence_unstable", "cadence_calm", "checkpoint_verdict"]
 
 
 def per_epoch_config(cfg: StabilityConfig | None = None) -> StabilityConfig:
     """The detector settings recommended for one value per epoch (e.g. `avg_loss_1`)."""
     return dataclasses.replace(cfg or StabilityConfig(), **PER_EPOCH_OVERRIDES)
-
-
-class TooManyRollbacksError(NonRetryable, RuntimeError):
-    """Training keeps diverging after rollbacks; continuing would only burn compute."""
 
 
 # --- records ------------------------------------------------------------------------------
@@ -121,6 +117,8 @@ class Event:
 class Decision:
     action: Literal["continue", "rollback"]
     events: list[Event] = field(default_factory=list)
+    # With a rollback: the first step of the trouble; checkpoints at or after it are not trusted.
+    first_anomalous: Optional[int] = None
 
     @property
     def rollback(self) -> bool:
@@ -292,44 +290,6 @@ class AmpScaleMonitor:
         self._halvings = [int(s) for s in state["halvings"]]
 
 
-class RollbackBudget:
-    """At most `max_rollbacks` rollbacks within `window_steps` training steps.
-
-    Steps go back after a rollback, so rollbacks at later steps of an abandoned timeline still
-    count: a rollback at step r is within the window of step s when r > s - window_steps.
-    """
-
-    def __init__(self, *, max_rollbacks: int, window_steps: int) -> None:
-        self.max_rollbacks = max_rollbacks
-        self.window_steps = window_steps
-        self.steps: list[int] = []
-
-    @classmethod
-    def from_config(cls, cfg: StabilityConfig) -> "RollbackBudget":
-        return cls(max_rollbacks=cfg.max_rollbacks, window_steps=cfg.rollback_window_steps)
-
-    def record(self, step: int) -> None:
-        """Record a rollback decided at `step`; raises TooManyRollbacksError past the budget."""
-        self.steps.append(step)
-        recent = [r for r in self.steps if r > step - self.window_steps]
-        if len(recent) > self.max_rollbacks:
-            raise TooManyRollbacksError(
-                f"{len(recent)} rollbacks within {self.window_steps} steps (at steps "
-                f"{', '.join(map(str, recent))}); at most {self.max_rollbacks} are allowed "
-                f"(stability.max_rollbacks / stability.rollback_window_steps). Training keeps "
-                f"diverging: lower the learning rate or inspect the batches near those steps.")
-
-    @property
-    def total(self) -> int:
-        return len(self.steps)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": list(self.steps)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.steps = [int(s) for s in state["steps"]]
-
-
 class CheckpointCadence:
     """Save every `save_step` steps; every `unstable_save_step` from an event until `calm_steps`
     steps have passed without one."""
@@ -381,6 +341,23 @@ class CheckpointCadence:
 
 # --- the guard ----------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class CheckpointVerdict:
+    """What the guard says of the weights at the step just observed, for a checkpoint of them.
+
+    `clean`: every series has a baseline and the newest values are within it. `unjudged`: a
+    series has too little history to judge (the first `min_history` steps). `suspect`: a
+    suspicious run awaits confirmation, the newest value is elevated, or steps are non-finite; a
+    scheduled save waits for the guard's decision instead of writing these weights."""
+
+    kind: Literal["clean", "unjudged", "suspect"]
+    reason: str = ""
+
+    @property
+    def trusted(self) -> bool:
+        return self.kind != "suspect"
+
+
 class StabilityGuard:
     """Turns per-step metrics into continue/rollback decisions (on every rank, from identical inputs).
 
@@ -388,67 +365,88 @@ class StabilityGuard:
       event; the step feeds no detector. `max_consecutive_nonfinite` in a row -> rollback.
     - Confirmed spike in loss_1, loss_mel or loss_kl: a `spike` event per series -> rollback.
     - AMP scale collapse: an `amp_collapse` event -> rollback.
-    - A step whose forward or backward raised with non-finite values behind it (`failed` ranks,
-      see `blowup`): a `blowup` event -> rollback, like a confirmed spike.
-    - A rollback decision carries a `rollback` event naming its reasons.
+    - A step whose forward or backward raised with evidence of a blow-up behind it (`failed`
+      ranks, see `blowup`): a `blowup` event -> rollback, like a confirmed spike.
+    - A rollback decision carries a `rollback` event naming its reasons and `first_anomalous`,
+      the first step of the trouble (`first_anomalous`): no checkpoint at or after it is trusted.
     - Cadence turns unstable on spike, amp_collapse, rollback and on non-finite *losses*; a
       non-finite grad norm alone is the GradScaler's routine overflow and does not.
-    - `should_save` is False while a suspicious run is in progress, so a checkpoint never
-      captures weights that may be mid-spike.
+    - `checkpoint_verdict` says whether the weights may be saved now (see `CheckpointVerdict`).
+    - The rollbacks themselves are in `ledger` (`rollbacks.RollbackLedger`), which is not part of
+      `state_dict`: restoring a checkpoint must not restore an older budget or backoff.
     - Events raised by `after_rollback` (`lr_backoff`, `cadence_unstable`) arrive with the next
       decision.
     - Disabled (`enabled = false`): always continue; `nonfinite` events are still reported because
       they are facts the NaN post-mortem needs, but they never escalate; saving follows `save_step`.
+
+    A value is *elevated* when it lies above the midpoint of its series' normal band (the
+    probation line, see the module docstring): the first step of the trouble is found by walking
+    back from where it was confirmed over the contiguous steps that are elevated or non-finite,
+    judged against the band as it is then. That catches what no online test can: a value taken
+    into the window while the detector was still filling it, or the climb that led to a spike.
     """
 
     def __init__(self, cfg: StabilityConfig, save_step: int) -> None:
         self.cfg = cfg
         self.monitor = SeriesMonitor(SPIKE_SERIES, cfg)
         self.amp = AmpScaleMonitor.from_config(cfg)
-        self.budget = RollbackBudget.from_config(cfg)
+        self.ledger = RollbackLedger.from_config(cfg)
         self.cadence = CheckpointCadence(save_step=save_step, unstable_save_step=cfg.unstable_save_step,
                                          calm_steps=cfg.calm_steps)
         self._nonfinite_run = 0
-        self._restored_step: Optional[int] = None
         self._pending: list[Event] = []
+        # (step, the spike series' values, losses finite) of the latest steps, for the walk back.
+        self._recent: deque[tuple[int, dict[str, float], bool]] = deque(maxlen=cfg.window)
+        self._clean_through = -1  # the latest step every series judged within its band
+
+    # --- per step -----------------------------------------------------------------------------
 
     def observe(self, step: int, metrics: Mapping[str, float]) -> Decision:
         events, self._pending = self._pending, []
         bad = [n for n in FINITE_SERIES if n in metrics and not math.isfinite(float(metrics[n]))]
         bad += [n for n in SKIP_FLAGS if metrics.get(n)]
         nonfinite = None
+        losses_finite = not any(n.startswith("loss_") for n in bad) and not metrics.get("failed")
         if bad:
             self._nonfinite_run += 1
-            losses_finite = not any(n.startswith("loss_") for n in bad)
             nonfinite = Event(step, "nonfinite", series=bad[0], value=_metric(metrics, bad[0]), detail={
                 "series": bad, "consecutive": self._nonfinite_run, "losses_finite": losses_finite})
             events.append(nonfinite)
         else:
             self._nonfinite_run = 0
+        self._recent.append((step, {n: float(metrics[n]) for n in SPIKE_SERIES if n in metrics}, losses_finite))
         if not self.cfg.enabled:
             return Decision("continue", events)
 
         reasons: list[str] = []
+        starts: list[int] = []  # where each reason says the trouble began, at the latest
         if metrics.get("failed"):
             events.append(Event(step, "blowup", detail={"where": "training step", "ranks": int(metrics["failed"])}))
             reasons.append("blowup")
+            starts.append(step - 1)  # the weights that raised came out of the step before
         if nonfinite is not None and self._nonfinite_run >= self.cfg.max_consecutive_nonfinite:
             reasons.append("nonfinite")
+            starts.append(step - self._nonfinite_run + 1)
         if nonfinite is None:
             for series, v in self.monitor.update(metrics):
                 if v.confirmed:
                     events.append(Event(step, "spike", series=series, value=v.value, median=v.median,
                                         threshold=v.threshold, detail={"mad": v.mad, "run": v.run}))
                     reasons.append(f"spike:{series}")
+                    starts.append(step)
         if metrics.get("amp_scale") is not None:
             collapse = self.amp.update(step, float(metrics["amp_scale"]))
             if collapse is not None:
                 events.append(Event(step, "amp_collapse", series="amp_scale",
                                     value=float(metrics["amp_scale"]), detail=collapse))
                 reasons.append("amp_collapse")
+                starts.append(min(collapse.get("halving_steps") or [step]))
+        if nonfinite is None and not reasons and self._judged_within_band():
+            self._clean_through = step
+        first_anomalous = self.first_anomalous(min(starts)) if reasons else None
         if reasons:
             events.append(Event(step, "rollback", detail={
-                "reasons": reasons, "rollbacks_so_far": self.budget.total}))
+                "reasons": reasons, "first_anomalous": first_anomalous, "rollbacks_so_far": self.ledger.total}))
 
         destabilising = reasons or (nonfinite is not None and not nonfinite.detail["losses_finite"])
         if destabilising:
@@ -456,41 +454,119 @@ class StabilityGuard:
                 events.append(Event(step, "cadence_unstable"))
         elif self.cadence.advance(step):
             events.append(Event(step, "cadence_calm"))
-        return Decision("rollback" if reasons else "continue", events)
+        return Decision("rollback" if reasons else "continue", events, first_anomalous)
 
     def blowup(self, step: int, where: str, ranks: int) -> Decision:
-        """A forward pass raised on `ranks` rank(s) with non-finite values behind it (outside a
-        training step, e.g. in validation): handled as a confirmed spike."""
+        """A forward pass raised on `ranks` rank(s) with a blow-up behind it, outside a training
+        step (e.g. in validation, after step `step`'s update): handled as a confirmed spike."""
         events, self._pending = self._pending, []
+        first_anomalous = self.first_anomalous(step)
         events.append(Event(step, "blowup", detail={"where": where, "ranks": ranks}))
-        events.append(Event(step, "rollback", detail={"reasons": ["blowup"], "rollbacks_so_far": self.budget.total}))
+        events.append(Event(step, "rollback", detail={"reasons": ["blowup"], "first_anomalous": first_anomalous,
+                                                      "rollbacks_so_far": self.ledger.total}))
         if self.cadence.mark_unstable(step):
             events.append(Event(step, "cadence_unstable"))
-        return Decision("rollback", events)
+        return Decision("rollback", events, first_anomalous)
 
-    def after_rollback(self, step: int, restored_step: int) -> float:
-        """Record a rollback decided at `step` that restored `restored_step`.
+    # --- judging steps and checkpoints --------------------------------------------------------
 
-        Returns the backed-off LR multiplier `lr_backoff ** n_rollbacks`; with
+    def elevated(self, values: Mapping[str, float]) -> list[str]:
+        """"series value > line" for each value above the midpoint of its series' current band."""
+        out = []
+        for name, value in values.items():
+            band = self.monitor.detectors[name].band()
+            if band is None or not math.isfinite(value):
+                continue
+            line = band[0] + PROBATION_FRACTION * (band[2] - band[0])
+            if value > line:
+                out.append(f"{name} {value:.4g} > {line:.4g}")
+        return out
+
+    def _judged_within_band(self) -> bool:
+        values = self._recent[-1][1]
+        return (all(d.band() is not None for d in self.monitor.detectors.values())
+                and not self.monitor.suspicious and not self.elevated(values))
+
+    def first_anomalous(self, start: int) -> int:
+        """The first step of the trouble that shows at `start` at the latest: walking back from
+        `start` over the contiguous steps whose values are elevated or whose losses are non-finite."""
+        first = start
+        for step, values, finite in reversed(self._recent):
+            if step >= start:
+                continue
+            if step != first - 1 or (finite and not self.elevated(values)):
+                break
+            first = step
+        return first
+
+    def recent_outliers(self, steps: int) -> list[str]:
+        """What was abnormal in the last `steps` observed steps ("step 9: loss_1 1.1e+06 > 161"):
+        evidence that an exception from Coqui's forward is a blow-up, not a bug."""
+        found = []
+        for step, values, finite in list(self._recent)[-steps:]:
+            problems = ([] if finite else ["non-finite losses"]) + self.elevated(values)
+            if problems:
+                found.append(f"step {step}: {', '.join(problems)}")
+        return found
+
+    def checkpoint_verdict(self) -> CheckpointVerdict:
+        """May the weights after the latest observed step be saved? See `CheckpointVerdict`."""
+        if not self.cfg.enabled:
+            return CheckpointVerdict("unjudged", "the stability guard is disabled")
+        if self._nonfinite_run:
+            return CheckpointVerdict("suspect", f"{self._nonfinite_run} non-finite step(s) in a row")
+        running = {n: d.suspicious_run for n, d in self.monitor.detectors.items() if d.suspicious_run}
+        if running:
+            return CheckpointVerdict("suspect", "suspicious " + ", ".join(
+                f"{n} for {r} step(s)" for n, r in running.items()) + " awaiting confirmation")
+        if self._recent:
+            step, values, _ = self._recent[-1]
+            elevated = self.elevated(values)
+            if elevated:
+                return CheckpointVerdict("suspect", f"step {step}: " + ", ".join(elevated))
+        missing = [n for n, d in self.monitor.detectors.items() if d.band() is None]
+        if missing:
+            return CheckpointVerdict("unjudged", f"no baseline yet for {', '.join(missing)} "
+                                                 f"(fewer than {self.cfg.min_history} steps seen)")
+        return CheckpointVerdict("clean")
+
+    def settled(self, step: int) -> bool:
+        """Whether a checkpoint at `step` is out of reach of any trouble found from now on: a
+        later step was judged within every band, and the walk back stops there."""
+        return self._clean_through > step
+
+    def save_due(self, step: int) -> bool:
+        """Whether the checkpoint cadence asks for a save at `step` (the verdict decides whether now)."""
+        if not self.cfg.enabled:
+            return step > 0 and step % self.cadence.save_step == 0
+        return self.cadence.should_save(step)
+
+    # --- rollbacks ----------------------------------------------------------------------------
+
+    def after_rollback(self, step: int, restored_step: int, *, first_anomalous: Optional[int] = None,
+                       reasons: Sequence[str] = (), lrs: tuple[float, float] = (math.nan, math.nan)) -> float:
+        """Record a rollback decided at `step` that restored `restored_step` in the ledger.
+
+        Returns the backed-off LR multiplier `lr_backoff ** rollbacks`; with
         `warmup_steps_after_rollback > 0` apply `lr_multiplier(step)` at every step instead.
         Raises TooManyRollbacksError past the budget (before changing any other state).
         """
-        self.budget.record(step)
+        entry = self.ledger.record(RollbackEntry(
+            decided_at=step, first_anomalous=step if first_anomalous is None else first_anomalous,
+            restored=restored_step, reasons=tuple(reasons), lr_disc=lrs[0], lr_gen=lrs[1]))
         self.monitor.reset_runs()
         self.amp.reset()  # the restored GradScaler starts from its checkpointed scale
         self._nonfinite_run = 0
-        self._restored_step = restored_step
-        multiplier = self.lr_backoff_multiplier()
-        self._pending.append(Event(step, "lr_backoff", value=multiplier, detail={
-            "rollbacks": self.budget.total, "restored_step": restored_step,
-            "warmup_steps": self.cfg.warmup_steps_after_rollback}))
+        self._pending.append(Event(step, "lr_backoff", value=entry.multiplier, detail={
+            "rollbacks": self.ledger.total, "restored_step": restored_step,
+            "first_anomalous": entry.first_anomalous, "warmup_steps": self.cfg.warmup_steps_after_rollback}))
         if self.cadence.mark_unstable(restored_step):
             self._pending.append(Event(restored_step, "cadence_unstable"))
-        return multiplier
+        return entry.multiplier
 
     def lr_backoff_multiplier(self) -> float:
-        """`lr_backoff ** n_rollbacks`, without the warmup ramp."""
-        return self.cfg.lr_backoff ** self.budget.total
+        """`lr_backoff ** rollbacks`, without the warmup ramp."""
+        return self.ledger.multiplier
 
     def lr_multiplier(self, step: int) -> float:
         """Factor for the scheduled LR at `step` (a pure function of the step and the rollbacks).
@@ -500,31 +576,35 @@ class StabilityGuard:
         """
         target = self.lr_backoff_multiplier()
         warmup = self.cfg.warmup_steps_after_rollback
-        if warmup <= 0 or self._restored_step is None:
+        restored = self.ledger.last_restored
+        if warmup <= 0 or restored is None:
             return target
-        progress = min(max((step - self._restored_step) / warmup, 0.0), 1.0)
+        progress = min(max((step - restored) / warmup, 0.0), 1.0)
         return target * (WARMUP_START_FRACTION + (1.0 - WARMUP_START_FRACTION) * progress)
 
-    def should_save(self, step: int) -> bool:
-        if not self.cfg.enabled:
-            return step > 0 and step % self.cadence.save_step == 0
-        return self.cadence.should_save(step) and not self.monitor.suspicious and self._nonfinite_run == 0
+    # --- state (the ledger is kept apart: see the class docstring) ----------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "detectors": self.monitor.state_dict(), "amp": self.amp.state_dict(),
-                "budget": self.budget.state_dict(), "cadence": self.cadence.state_dict(),
-                "nonfinite_run": self._nonfinite_run, "restored_step": self._restored_step,
-                "pending": [e.to_dict() for e in self._pending]}
+        return {"version": 2, "detectors": self.monitor.state_dict(), "amp": self.amp.state_dict(),
+                "cadence": self.cadence.state_dict(), "nonfinite_run": self._nonfinite_run,
+                "pending": [e.to_dict() for e in self._pending],
+                "recent": [[s, {k: _json_float(v) for k, v in values.items()}, finite]
+                           for s, values, finite in self._recent],
+                "clean_through": self._clean_through}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        assert state.get("version") == 1, f"unknown stability state version {state.get('version')!r}"
+        version = state.get("version")
+        assert version in (1, 2), f"unknown stability state version {version!r}"
         self.monitor.load_state_dict(state["detectors"])
         self.amp.load_state_dict(state["amp"])
-        self.budget.load_state_dict(state["budget"])
         self.cadence.load_state_dict(state["cadence"])
         self._nonfinite_run = int(state["nonfinite_run"])
-        self._restored_step = None if state["restored_step"] is None else int(state["restored_step"])
         self._pending = [Event.from_dict(e) for e in state["pending"]]
+        # Version 1 (before the walk back) kept its rollback budget here; the ledger replaces it.
+        self._recent.clear()
+        self._recent.extend((int(s), {k: float(v) for k, v in values.items()}, bool(finite))
+                            for s, values, finite in state.get("recent", []))
+        self._clean_through = int(state.get("clean_through", -1))
 
 
 def _metric(metrics: Mapping[str, float], name: str) -> Optional[float]:

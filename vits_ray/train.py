@@ -26,15 +26,16 @@ class TrainSetupError(NonRetryable, ValueError):
     """Something is wrong before any worker starts: config, data, storage or warm-start input."""
 
 
-DRILL_KINDS = ("nan", "spike", "blowup")
+DRILL_KINDS = ("nan", "spike", "blowup", "diverge")
 PREFLIGHT_RETRY_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
 class Drill:
     """An operator's rehearsal of the stability guard: a NaN batch (`nan@STEP`), a learning-rate
-    spike (`spike@STEP`), or weights blown up by step STEP's update so that the next forward pass
-    (validation, or the next step) raises (`blowup@STEP`)."""
+    spike (`spike@STEP`), weights blown up by step STEP's update so that the next forward pass
+    (validation, or the next step) raises (`blowup@STEP`), or a learning rate that stays far too
+    high from STEP on, whatever the rollbacks do (`diverge@STEP`: the budget must end the run)."""
 
     kind: str
     step: int
@@ -43,7 +44,8 @@ class Drill:
     def parse(text: str) -> "Drill":
         kind, _, at = text.partition("@")
         if kind not in DRILL_KINDS or not at.isdigit() or int(at) < 1:
-            raise TrainSetupError(f"--drill {text!r}: expected nan@STEP, spike@STEP or blowup@STEP with STEP >= 1")
+            raise TrainSetupError(f"--drill {text!r}: expected nan@STEP, spike@STEP, blowup@STEP or diverge@STEP "
+                                  "with STEP >= 1")
         return Drill(kind, int(at))
 
 
@@ -82,24 +84,35 @@ class TrainJob:
 
 class _StorageSession:
     """Checkpoints under STORAGE/NAME through `RunCheckpoints`: resume from the newest that verifies
-    (`skipped` then says what was passed over), keep the last `keep_last`."""
+    and that the rollback rules allow (`skipped` then says what was passed over), hand a rollback
+    the run's checkpoints, keep the last `keep_last` and any the loop asks to keep."""
 
     def __init__(self, run_store, keep_last: int):
         self.checkpoints = RunCheckpoints(run_store, keep_last)
         self.skipped: list[str] = []
 
     @contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        with self.checkpoints.newest_valid() as found:
+    def latest_checkpoint(self, why_unusable=lambda info: None) -> Iterator[Path | None]:
+        with self.checkpoints.newest_valid(why_unusable) as found:
             self.skipped = found.skipped
             yield found.directory
+
+    def list_checkpoints(self):
+        return self.checkpoints.infos()
+
+    def checkpoint(self, name: str):
+        return self.checkpoints.verified(name)
+
+    def supersede(self, names) -> None:
+        self.checkpoints.supersede(names)
 
 
 class RaySession(_StorageSession):
     """Ray Train registers each checkpoint (a report is a barrier on all ranks); the upload itself
     goes through our store, whose retries ride out a storage outage (Ray's own upload has none)."""
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None,
+               keep: tuple[str, ...] = ()) -> None:
         import ray.train
 
         if checkpoint_dir is None:
@@ -108,7 +121,7 @@ class RaySession(_StorageSession):
         # Only rank 0 hands a checkpoint over (Trainer.save), so only rank 0 uploads and prunes.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
                          checkpoint_dir_name=name, checkpoint_upload_fn=self._upload)
-        self.checkpoints.prune()
+        self.checkpoints.prune(keep)
 
     def _upload(self, checkpoint, name: str):
         import ray.train
@@ -122,11 +135,12 @@ class RaySession(_StorageSession):
 class LocalSession(_StorageSession):
     """A run without Ray: the same `checkpoint_XXXXXXXX/` folders, so either mode resumes the other's."""
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None,
+               keep: tuple[str, ...] = ()) -> None:
         if checkpoint_dir is None:
             return
         self.checkpoints.upload(checkpoint_dir, name)
-        self.checkpoints.prune()
+        self.checkpoints.prune(keep)
 
 
 def run_local(job: TrainJob) -> TrainOutcome:

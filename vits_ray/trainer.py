@@ -30,9 +30,12 @@ from typing import Any, Protocol
 import torch
 
 from vits_ray import checkpoint as ckpt_io
+from vits_ray.blowup import judge_blowup, module_norms
 from vits_ray.config import Config, load_config, resume_conflicts
 from vits_ray.distributed import Collectives, GradientSync, check_checksums, state_checksum
 from vits_ray.errors import NonRetryable
+from vits_ray.rollbacks import START, CheckpointInfo, merge_health
+from vits_ray.run_checkpoints import checkpoint_name
 from vits_ray.schedule import learning_rates
 from vits_ray.step import VAL_KEYS, Precision, eval_step, gan_step
 from vits_ray.step_log import PendingSteps
@@ -49,6 +52,8 @@ RECENT_STEPS = 20
 # The blow-up drill multiplies a duration predictor weight by this: finite, but its activations
 # overflow and Coqui's spline raises instead of returning a loss.
 BLOWUP_DRILL_FACTOR = 1e30
+# The run's rollbacks (rollbacks.RollbackLedger), beside its checkpoints and never inside one.
+LEDGER_FILE = "rollbacks.json"
 
 
 class ResumeConfigError(NonRetryable, ValueError):
@@ -58,12 +63,19 @@ class ResumeConfigError(NonRetryable, ValueError):
 class Session(Protocol):
     """Where checkpoints go and come back from (Ray Train in production)."""
 
-    def latest_checkpoint(self) -> AbstractContextManager[Path | None]: ...
+    def latest_checkpoint(self, why_unusable) -> AbstractContextManager[Path | None]: ...
 
-    # After `latest_checkpoint`: newer folders passed over as incomplete or corrupt, "name: why".
+    # After `latest_checkpoint`: newer folders passed over (incomplete, corrupt, refused), "name: why".
     skipped: list[str]
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None: ...
+    def list_checkpoints(self) -> list[CheckpointInfo]: ...
+
+    def checkpoint(self, name: str) -> AbstractContextManager[Path]: ...
+
+    def supersede(self, names) -> None: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None,
+               keep: tuple[str, ...] = ()) -> None: ...
 
 
 class EpochMeans:
@@ -144,9 +156,11 @@ class Trainer:
             for opt in self.optimizers)
         self.run_store = open_store(job.storage_uri, cfg.storage).child(job.name)
         self.guard = StabilityGuard(cfg.stability, cfg.train.save_step)
+        self._load_ledger()
         self.progress = ckpt_io.Progress()
         self.warm_report = None
         self.last_record: dict[str, Any] = {}
+        self.resumed_from: CheckpointInfo | None = None
 
         resumed = self._restore_latest()
         if not resumed:
@@ -158,14 +172,26 @@ class Trainer:
         self.reader, self.val_reader = self._build_readers()
         self.quality_probe = self._build_quality_probe()
         self.max_steps = job.max_steps or cfg.train.max_steps
-        self.drills = {d.step: d.kind for d in job.drills}
+        self.drills = {d.step: d.kind for d in job.drills if d.kind != "diverge"}
+        self.diverge_from = min((d.step for d in job.drills if d.kind == "diverge"), default=None)
         self.spike_drill_until = -1
         self.pending = PendingSteps()
         self.means = EpochMeans()
         self.recent_mel: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self.last_val_loss_mel = float("nan")
-        self.last_good = self.capture()
         self.last_saved_step = self.progress.step if resumed else -1
+        # What a rollback may go back to without a download: the newest trusted checkpoint, and
+        # (until a checkpoint is known clean) the run's start, which no folder holds.
+        self.last_good = self.capture()
+        self.last_good_info = self.resumed_from or CheckpointInfo(START, self.progress.step,
+                                                                  self.guard.ledger.generation, "start")
+        self.start_state = None if resumed else self.last_good
+        # The newest checkpoint that no trouble found later can reach back past: pruning keeps it.
+        self.settled = self.resumed_from.name if self.resumed_from else None
+        # Each module's parameter norm at the last trusted checkpoint: a blow-up is judged by size too.
+        self.reference_norms = module_norms(self.model)
+        self.save_pending = False  # a scheduled save waiting for the guard's verdict
+        self.postponed_from: int | None = None
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -223,7 +249,9 @@ class Trainer:
                             self.world_size, cfg.train.seed)
 
     def _restore_latest(self) -> bool:
-        with self.session.latest_checkpoint() as directory:
+        """Resume from the newest checkpoint that verifies and that the rollback ledger allows
+        (not abandoned by a rollback, not written while training was unstable)."""
+        with self.session.latest_checkpoint(self.guard.ledger.why_unusable) as directory:
             if directory is None:
                 return False
             saved = load_config(directory / "config.toml")
@@ -234,7 +262,24 @@ class Trainer:
                     + "; ".join(conflicts) + ". Relaunch with the saved settings, or start a new run "
                     "(another --name) with --init-from")
             self.restore(ckpt_io.read(directory))
+            meta_path = directory / ckpt_io.META_FILE
+            meta = ckpt_io.parse_meta(meta_path.read_bytes() if meta_path.exists() else None, str(directory))
+            self.resumed_from = (CheckpointInfo.from_meta(directory.name, meta) if meta
+                                 else CheckpointInfo(directory.name, self.progress.step))
+        # The counts describe the whole run: what happened after this checkpoint stays counted.
+        self.progress.health = merge_health(self.progress.health, self.guard.ledger.health)
         return True
+
+    def _load_ledger(self) -> None:
+        """The run's rollbacks so far (every rank reads it; only a rollback writes it)."""
+        if self.run_store.exists(LEDGER_FILE):
+            self.guard.ledger.load_state_dict(json.loads(self.run_store.read_bytes(LEDGER_FILE)))
+
+    def _persist_ledger(self) -> None:
+        self.guard.ledger.health = dict(self.progress.health)
+        if self.rank == 0:  # the same ledger on every rank
+            state = self.guard.ledger.state_dict()
+            self.run_store.write_bytes(LEDGER_FILE, (json.dumps(state, indent=1, allow_nan=False) + "\n").encode())
 
     def _start_fresh(self) -> None:
         from vits_ray.model import warm_start
@@ -264,15 +309,19 @@ class Trainer:
                                         self.world_size, self.device)
         self.guard.load_state_dict(self.progress.guard)
 
-    def save(self, metrics: dict[str, Any]) -> None:
-        """Check that all ranks agree, then persist the state through the session (rank 0 writes)."""
+    def save(self, metrics: dict[str, Any], verdict) -> None:
+        """Check that all ranks agree, then persist the state through the session (rank 0 writes),
+        marked with the guard's verdict (`stability.CheckpointVerdict`)."""
         state = self.capture()
-        guard_digest = hashlib.sha256(json.dumps(self.guard.state_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        ledger = self.guard.ledger
+        guard_digest = hashlib.sha256(json.dumps([self.guard.state_dict(), [e.to_dict() for e in ledger.entries]],
+                                                 sort_keys=True).encode()).hexdigest()[:16]
         agreed = self.comm.all_gather_objects((state_checksum(state["model"]), guard_digest))
         checksums = [c for c, _ in agreed]
+        name = checkpoint_name(self.progress.step)
         record = {"kind": "checkpoint", "step": self.progress.step, "epoch": self.progress.epoch,
-                  "path": f"checkpoint_{self.progress.step:08d}", "param_checksums": checksums,
-                  "best": self.progress.best_step == self.progress.step}
+                  "path": name, "param_checksums": checksums,
+                  "best": self.progress.best_step == self.progress.step, "verdict": verdict.kind}
         self.logger.log(record)
         try:
             check_checksums(checksums, self.progress.step)
@@ -282,28 +331,105 @@ class Trainer:
         if len({g for _, g in agreed}) > 1:
             raise RuntimeError(f"step {self.progress.step}: the stability guard's state differs across ranks "
                                f"({[g for _, g in agreed]}); their decisions can no longer be trusted to agree")
+        info = CheckpointInfo(name, self.progress.step, ledger.generation, verdict.kind, verdict.reason)
+        meta = {"step": info.step, "epoch": self.progress.epoch, "generation": info.generation,
+                "verdict": info.verdict, "reason": info.reason, "postponed_from": self.postponed_from}
+        self.logger.event({"step": info.step, "kind": "checkpoint_verdict", "detail": {
+            "checkpoint": name, "verdict": info.verdict, "reason": info.reason, "generation": info.generation,
+            "postponed_from": self.postponed_from}})
         with tempfile.TemporaryDirectory(prefix="vits-ray-ckpt-") as tmp:
             directory = None
             if self.rank == 0:
                 directory = Path(tmp)
-                ckpt_io.write(directory, state, self.cfg.to_toml(), self.manifest["vocab"])
+                ckpt_io.write(directory, state, self.cfg.to_toml(), self.manifest["vocab"], meta)
                 self.logger.flush()
-            self.session.report({**metrics, **self.health_metrics()}, directory, record["path"])
-        self.last_good = state
+            self.session.report({**metrics, **self.health_metrics()}, directory, name,
+                                keep=(self.settled,) if self.settled else ())
         self.last_saved_step = self.progress.step
+        self.save_pending, self.postponed_from = False, None
+        if info.trusted:  # a suspect save (the last of a run) is never a rollback target
+            self.last_good, self.last_good_info = state, info
+            self.reference_norms = module_norms(self.model)
 
-    def rollback(self, step: int, events: list[dict]) -> None:
-        """Back to the last checkpointed state, with backed-off learning rates."""
+    def _save_when_trusted(self, step: int) -> None:
+        """A scheduled save, now if the guard trusts the weights, else at the first sync point
+        where it does (or rolls back instead). The run's last save cannot wait: it is marked."""
+        verdict = self.guard.checkpoint_verdict()
+        if verdict.trusted or self.finished():
+            self.save({k: self.last_record[k] for k in ("loss_0", "loss_1")}, verdict)
+            return
+        self.save_pending = True
+        if self.postponed_from is None:
+            self.postponed_from = step
+            self.logger.event({"step": step, "kind": "checkpoint_postponed", "detail": {"reason": verdict.reason}})
+            if self.rank == 0:
+                say(f"[vits-ray] step {step}: checkpoint postponed until the stability guard decides ({verdict.reason})")
+
+    def _note_settled(self) -> None:
+        """Once a later step is judged within every band, the last checkpoint is out of reach of
+        any trouble found from now on: pruning keeps it, and the start state is no longer needed."""
+        info = self.last_good_info
+        if info.name not in (START, self.settled) and self.guard.settled(info.step):
+            self.settled = info.name
+            self.start_state = None
+
+    def rollback(self, step: int, decision) -> None:
+        """Back to the newest trusted checkpoint from before the trouble began, with backed-off
+        learning rates; the run's rollback ledger grows (and ends the run past its budget)."""
         health = dict(self.progress.health)  # what happened stays counted
-        self.restore(self.last_good)
+        first = step if decision.first_anomalous is None else decision.first_anomalous
+        reasons = next((e.detail.get("reasons", []) for e in decision.events if e.kind == "rollback"), [])
+        lrs = (self.last_record.get("lr_0", math.nan), self.last_record.get("lr_1", math.nan))
+        plan, state = self._rollback_target(step, first)
+        self.restore(state)
         self.progress.health = health
         self.spike_drill_until = -1  # the drill was part of the abandoned timeline
-        multiplier = self.guard.after_rollback(step, self.progress.step)  # raises past the budget
+        self.save_pending, self.postponed_from = False, None
+        multiplier = self.guard.after_rollback(step, plan.target.step, first_anomalous=first, reasons=reasons, lrs=lrs)
+        self._persist_ledger()
+        abandoned = plan.poisoned + plan.passed_over
+        for info, verdict, why in ([(c, "poisoned", f"at or after step {first}, where the trouble began")
+                                    for c in plan.poisoned]
+                                   + [(c, "passed_over", f"already rolled back to {self.guard.ledger.escalate_after} "
+                                                         "times") for c in plan.passed_over]):
+            self.logger.event({"step": step, "kind": "checkpoint_verdict", "detail": {
+                "checkpoint": info.name, "checkpoint_step": info.step, "verdict": verdict, "reason": why}})
+        self.session.supersede(c.name for c in abandoned if c.name != START)
+        self.last_good, self.last_good_info = state, plan.target
+        self.settled = None if plan.target.name == START else plan.target.name
+        self.reference_norms = module_norms(self.model)
         self.logger.mark_rolled_back(self.progress.step)
         if self.rank == 0:
-            say(f"[vits-ray] step {step}: instability ({', '.join(e['kind'] for e in events)}); "
-                f"rolled back to step {self.progress.step}, learning rates x{multiplier:g}")
+            passed = f", passing over {', '.join(c.label() for c in plan.passed_over)}" if plan.passed_over else ""
+            say(f"[vits-ray] step {step}: instability ({', '.join(e.kind for e in decision.events)}) since step "
+                f"{first}; rolled back to {plan.target.label()}{passed}, learning rates x{multiplier:g} "
+                f"(rollback {self.guard.ledger.total} of at most {self.guard.ledger.max_rollbacks} per "
+                f"{self.guard.ledger.window_steps} steps)")
         self.means = EpochMeans()
+
+    def _rollback_target(self, step: int, first_anomalous: int):
+        """The plan (`RollbackLedger.plan`) and the state it goes back to. Every rank plans from
+        rank 0's listing of the run's checkpoints, so every rank goes to the same one."""
+        listed = self.session.list_checkpoints() if self.rank == 0 else None
+        candidates = {c.name: c for c in self.comm.all_gather_objects(listed)[0]}
+        if self.start_state is not None:
+            candidates[START] = CheckpointInfo(START, self.start_state["progress"]["step"], 0, "start")
+        while True:
+            plan = self.guard.ledger.plan(first_anomalous, candidates.values())
+            self.guard.ledger.check_budget(step, plan)  # before anything changes
+            try:
+                return plan, self._load_state(plan.target)
+            except ckpt_io.CorruptCheckpointError as err:
+                say(f"[vits-ray] rank {self.rank}: {plan.target.label()} does not verify ({err}); trying an older one")
+                del candidates[plan.target.name]
+
+    def _load_state(self, info: CheckpointInfo) -> dict[str, Any]:
+        if info.name == START:
+            return self.start_state
+        if (info.name, info.generation) == (self.last_good_info.name, self.last_good_info.generation):
+            return self.last_good
+        with self.session.checkpoint(info.name) as directory:
+            return ckpt_io.read(directory)
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -314,7 +440,7 @@ class Trainer:
 
     def _set_learning_rates(self, step: int) -> tuple[float, float]:
         lr_0, lr_1 = learning_rates(self.cfg.optim, step - 1, self.progress.epoch, self.guard.lr_multiplier(step))
-        if step < self.spike_drill_until:
+        if step < self.spike_drill_until or (self.diverge_from is not None and step >= self.diverge_from):
             lr_0, lr_1 = lr_0 * SPIKE_DRILL_FACTOR, lr_1 * SPIKE_DRILL_FACTOR
         for optimizer, lr in zip(self.optimizers, (lr_0, lr_1)):
             for group in optimizer.param_groups:
@@ -353,11 +479,14 @@ class Trainer:
         return step
 
     def _judge_failure(self, error: Exception, step: int, where: str, forward) -> None:
-        """Raise `error` unless non-finite values stand behind it (then the guard rolls back)."""
-        from vits_ray.blowup import diagnose_blowup
-
+        """Raise `error` unless a blow-up stands behind it (`blowup.judge_blowup`; then the guard
+        rolls back)."""
+        stability = self.cfg.stability
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            why = diagnose_blowup(self.model, forward) if self.cfg.stability.enabled else None
+            why = judge_blowup(self.model, forward, reference_norms=self.reference_norms,
+                               norm_factor=stability.blowup_norm_factor,
+                               recent_outliers=self.guard.recent_outliers(stability.blowup_lookback_steps),
+                               ) if stability.enabled else None
         self.model.model_outputs_cache = None
         if why is None:
             raise error
@@ -383,7 +512,7 @@ class Trainer:
         return (step % cfg.train.log_step == 0 or step % cfg.train.save_step == 0
                 or step % cfg.stability.unstable_save_step == 0 or step % cfg.train.val_step == 0
                 or (bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0)
-                or (bool(self.max_steps) and step >= self.max_steps))
+                or (bool(self.max_steps) and step >= self.max_steps) or self.save_pending)
 
     def sync(self) -> bool:
         """Read the pending steps, record them, let the guard judge them. False after a rollback."""
@@ -401,6 +530,7 @@ class Trainer:
             decision = self.guard.observe(record["step"], record)
             if self._instability(decision, records[-1]["step"]):
                 return False
+        self._note_settled()
         return True
 
     def _instability(self, decision, step: int) -> bool:
@@ -413,7 +543,7 @@ class Trainer:
         for event in decision.events:
             self.logger.event(event.to_dict())
         if decision.rollback:
-            self.rollback(step, [e.to_dict() for e in decision.events])
+            self.rollback(step, decision)
         return decision.rollback
 
     def validate(self) -> dict[str, Any] | None:
@@ -507,7 +637,7 @@ class Trainer:
                 self.end_epoch()
         if self.last_saved_step != self.progress.step:
             self.sync()
-            self.save({})
+            self.save({}, self.guard.checkpoint_verdict())
 
     def train_epoch(self) -> bool:
         """The rest of the current epoch. False when it ended early (max_steps or a rollback)."""
@@ -526,8 +656,8 @@ class Trainer:
                     self._after_validation(val)
             if self.quality_probe is not None and step % self.cfg.eval.every_steps == 0:
                 self.measure_quality()
-            if self.guard.should_save(step) or self.finished():
-                self.save({k: self.last_record[k] for k in ("loss_0", "loss_1")})
+            if self.guard.save_due(step) or self.save_pending or self.finished():
+                self._save_when_trusted(step)
             if self.finished():
                 return False
         return self.sync()
