@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional
 
 from vits_ray.errors import NonRetryable
 
@@ -205,8 +205,7 @@ class RollbackLedger:
             f"{len(recent) + 1} rollbacks within {self.window_steps} steps; at most {self.max_rollbacks} are allowed "
             f"(stability.max_rollbacks / stability.rollback_window_steps). Rollbacks: "
             + "; ".join(e.describe() for e in recent) + f"; then {attempt}. Training keeps diverging at these "
-            "learning rates: lower them, or inspect the batches near those steps. Not retried: a restart would "
-            "meet the same budget.")
+            "learning rates: lower them, or inspect the batches near those steps.")
 
     def record(self, entry: RollbackEntry) -> RollbackEntry:
         """Append a rollback (after `check_budget`); the entry's multiplier is the new backoff."""
@@ -234,7 +233,3 @@ def merge_health(*counts: Mapping[str, int]) -> dict[str, int]:
         for key, value in mapping.items():
             out[key] = max(out.get(key, 0), int(value))
     return out
-
-
-def describe(infos: Sequence[CheckpointInfo]) -> str:
-    return ", ".join(c.label() for c in infos) or "none"

@@ -35,7 +35,8 @@ class Drill:
     """An operator's rehearsal of the stability guard: a NaN batch (`nan@STEP`), a learning-rate
     spike (`spike@STEP`), weights blown up by step STEP's update so that the next forward pass
     (validation, or the next step) raises (`blowup@STEP`), or a learning rate that stays far too
-    high from STEP on, whatever the rollbacks do (`diverge@STEP`: the budget must end the run)."""
+    high from STEP on, backoff or not (`diverge@STEP`: every timeline diverges, the budget must
+    end the run)."""
 
     kind: str
     step: int

@@ -439,8 +439,11 @@ class Trainer:
             self.model.format_batch(batch.to_coqui(self.device, non_blocking=self.device.type == "cuda")))
 
     def _set_learning_rates(self, step: int) -> tuple[float, float]:
-        lr_0, lr_1 = learning_rates(self.cfg.optim, step - 1, self.progress.epoch, self.guard.lr_multiplier(step))
-        if step < self.spike_drill_until or (self.diverge_from is not None and step >= self.diverge_from):
+        diverging = self.diverge_from is not None and step >= self.diverge_from
+        # The diverge drill ignores the backoff: every timeline from its step on must diverge.
+        multiplier = 1.0 if diverging else self.guard.lr_multiplier(step)
+        lr_0, lr_1 = learning_rates(self.cfg.optim, step - 1, self.progress.epoch, multiplier)
+        if step < self.spike_drill_until or diverging:
             lr_0, lr_1 = lr_0 * SPIKE_DRILL_FACTOR, lr_1 * SPIKE_DRILL_FACTOR
         for optimizer, lr in zip(self.optimizers, (lr_0, lr_1)):
             for group in optimizer.param_groups:

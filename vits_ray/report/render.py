@@ -125,6 +125,10 @@ def _phases(a: Analysis, figures: dict[str, Figure]) -> list[Block]:
     return blocks
 
 
+# The guard's word on each checkpoint: shown with the checkpoints, not among the stability events.
+CHECKPOINT_EVENTS = ("checkpoint_verdict", "checkpoint_postponed")
+
+
 def _events(a: Analysis) -> list[Block]:
     r = a.run
     blocks: list[Block] = [Heading("Stability events")]
@@ -133,20 +137,21 @@ def _events(a: Analysis) -> list[Block]:
     if r.events is None:
         return blocks + [Para("This run has no events file (events.jsonl), and metrics.jsonl holds no event "
                               "records.")]
-    if not r.events:
+    events = [e for e in r.events if e.get("kind") not in CHECKPOINT_EVENTS]
+    if not events:
         return blocks + [Para(f"No stability events recorded (none in {r.events_origin}).")]
     counts: dict[str, int] = {}
-    for e in r.events:
+    for e in events:
         counts[e.get("kind", "?")] = counts.get(e.get("kind", "?"), 0) + 1
     rows = []
-    for e in r.events:
+    for e in events:
         detail = e.get("detail") or {}
         rows.append([str(e.get("step")), str(e.get("kind")), str(e.get("series") or "–"),
                      fmt(e.get("value")) if isinstance(e.get("value"), (int, float)) else "–",
                      fmt(e.get("median")) if isinstance(e.get("median"), (int, float)) else "–",
                      fmt(e.get("threshold")) if isinstance(e.get("threshold"), (int, float)) else "–",
                      ", ".join(f"{k}={v}" for k, v in detail.items()) or "–"])
-    return blocks + [Para(f"{len(r.events)} event(s) from {r.events_origin}: "
+    return blocks + [Para(f"{len(events)} event(s) from {r.events_origin}: "
                           + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) + "."),
                      Table(["step", "kind", "series", "value", "median", "threshold", "detail"], rows)]
 
@@ -254,7 +259,42 @@ def _checkpoints(a: Analysis) -> list[Block]:
         items.append(f"Per-rank parameter checksums identical at {agree} of {total} checkpoint(s).")
     if best:
         items.append(f"Marked best (lowest validation mel loss so far) at step(s) {', '.join(map(str, best))}.")
-    return [Heading("Checkpoints"), Bullets(items)]
+    return [Heading("Checkpoints"), Bullets(items)] + _checkpoint_verdicts(r.events or [])
+
+
+def _checkpoint_verdicts(events: list[dict]) -> list[Block]:
+    """The stability guard's word on each checkpoint: when written (clean, unjudged, suspect), a
+    save postponed while it judged, and the checkpoints a rollback found poisoned or passed over.
+    Every verdict is counted; the table lists all but the plain clean ones (hundreds in a long run)."""
+    rows, counts = [], {}
+    for e in events:
+        if e.get("kind") not in CHECKPOINT_EVENTS:
+            continue
+        d = e.get("detail") or {}
+        verdict = "postponed" if e["kind"] == "checkpoint_postponed" else str(d.get("verdict"))
+        counts[verdict] = counts.get(verdict, 0) + 1
+        if verdict == "clean" and not d.get("postponed_from"):
+            continue
+        when = (f"written at step {e.get('step')}" if "generation" in d
+                else f"save due at step {e.get('step')}" if verdict == "postponed"
+                else f"rollback at step {e.get('step')}")
+        where = d.get("checkpoint") or "–"
+        reason = d.get("reason") or "–"
+        if d.get("postponed_from"):
+            reason = f"postponed from step {d['postponed_from']}" + ("" if reason == "–" else f"; {reason}")
+        rows.append([when, where, verdict, reason])
+    if not counts:
+        return []
+    blocks: list[Block] = [
+        Heading("Checkpoint verdicts", 3),
+        Para("The stability guard's word on each checkpoint: clean (judged within every band), unjudged (before "
+             "the detectors had a baseline), suspect (a save that could not wait, e.g. a run's last), postponed "
+             "(a save that waited for the guard), poisoned (at or after the step where trouble began: never "
+             "rolled back to) and passed over (rolled back to too often). Counts: "
+             + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) + ".")]
+    if rows:
+        blocks.append(Table(["when", "checkpoint", "verdict", "reason"], rows))
+    return blocks
 
 
 def _more_plots(figures: dict[str, Figure]) -> list[Block]:
