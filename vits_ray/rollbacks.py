@@ -27,14 +27,13 @@ Rules, one place each:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping, Optional
 
 from vits_ray.errors import NonRetryable
 
 # The run's initial state, held in memory until a checkpoint is known to be clean.
 START = "start"
-VERDICTS = ("clean", "unjudged", "suspect", "start")
 ESCALATE_AFTER = 2
 
 
@@ -210,8 +209,7 @@ class RollbackLedger:
     def record(self, entry: RollbackEntry) -> RollbackEntry:
         """Append a rollback (after `check_budget`); the entry's multiplier is the new backoff."""
         self.check_budget(entry.decided_at)
-        entry = RollbackEntry(**{**asdict(entry), "reasons": tuple(entry.reasons),
-                                 "multiplier": self.lr_backoff ** (len(self.entries) + 1)})
+        entry = replace(entry, reasons=tuple(entry.reasons), multiplier=self.lr_backoff ** (len(self.entries) + 1))
         self.entries.append(entry)
         return entry
 
