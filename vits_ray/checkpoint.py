@@ -19,6 +19,7 @@ Two different guarantees, two different mechanisms:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import pickle
@@ -75,6 +76,11 @@ class Progress:
     # How unstable the run has been, a count per HEALTH_COUNTS key (kept through rollbacks: they
     # describe the whole run, e.g. for a sweep's instability-aware score).
     health: dict[str, int] = field(default_factory=dict)
+    # The latest validations' mel losses (a sweep's score is their mean: `tune.score_validations`).
+    val_history: list[float] = field(default_factory=list)
+    # A sweep trial's stability margin probes so far (`Trainer.probe_margin`): probes, failures,
+    # the latest loss rise, the worst one and the first failure's cause.
+    margin: dict[str, Any] = field(default_factory=dict)
 
 
 # --- random generators --------------------------------------------------------------------
@@ -153,13 +159,41 @@ def restore(state: dict[str, Any], model, optimizers, scaler, rank: int, world_s
             f"the checkpoint at step {state['progress']['step']} was written by {saved_world} worker(s) and this "
             f"run has {world_size}: each worker's data position and random state belong to its rank, so resume "
             f"with --workers {saved_world} (or start a new run with --init-from the export)")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"])  # copies into the parameters
     for optimizer, saved in zip(optimizers, state["optimizers"]):
-        optimizer.load_state_dict(saved)
+        # A copy: on the same device, load_state_dict keeps the given tensors as the optimizer's own
+        # moments, and the next steps would update `state` in place. A state held in memory (the
+        # last trusted one a rollback returns to, the margin probe's) must survive being restored.
+        optimizer.load_state_dict(copy.deepcopy(saved))
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][rank], device)
-    return Progress(**state["progress"])
+    return Progress(**copy.deepcopy(state["progress"]))
+
+
+def training_state_digest(state: dict[str, Any]) -> str:
+    """A digest of what training continues from: weights, optimizer moments, GradScaler, every
+    rank's random generators and the data position. Equal digests: the same next step."""
+    digest = hashlib.sha256()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            digest.update(str(obj.dtype).encode() + str(tuple(obj.shape)).encode())
+            digest.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                digest.update(str(key).encode())
+                walk(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item)
+        else:
+            digest.update(repr(obj).encode())
+
+    progress = state["progress"]
+    walk([state["model"], state["optimizers"], state.get("scaler"), state["rng"],
+          [progress["step"], progress["epoch"], progress["batch_in_epoch"]]])
+    return digest.hexdigest()[:16]
 
 
 # Exactly these types (not subclasses: numpy.float64 is a float, and pickles as a numpy scalar).

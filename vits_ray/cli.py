@@ -105,7 +105,9 @@ def prepare(input_dir, fmt, output_uri, config_path, overrides, quiet) -> None:
 # --- training -----------------------------------------------------------------------------
 
 def build_job(config_path, overrides, data, storage, name, workers, gpu, max_steps, init_from, drills,
-              cpus_per_worker=1):
+              cpus_per_worker=1, from_run=None):
+    from vits_ray.config import replace
+    from vits_ray.continuation import ContinuationError, resolve
     from vits_ray.train import Drill, TrainJob, TrainSetupError
 
     cfg = load_or_exit(config_path, overrides)
@@ -113,9 +115,18 @@ def build_job(config_path, overrides, data, storage, name, workers, gpu, max_ste
         parsed = tuple(Drill.parse(d) for d in drills)
     except TrainSetupError as err:
         raise click.UsageError(str(err)) from err
+    point = None
+    if from_run:
+        if init_from:
+            raise click.UsageError("--from-run and --init-from: give one (a run's whole state, or weights only)")
+        try:
+            point = resolve(from_run, cfg.storage)
+        except ContinuationError as err:
+            raise click.ClickException(str(err)) from err
+        cfg = replace(cfg, **point.schedule_overrides())
     return TrainJob(config=cfg.to_dict(), data_uri=data, storage_uri=storage, name=name, workers=workers,
                     use_gpu=gpu, max_steps=max_steps, init_from=init_from or "", drills=parsed,
-                    cpus_per_worker=cpus_per_worker)
+                    cpus_per_worker=cpus_per_worker, from_run=point.as_dict() if point else None)
 
 
 @main.command()
@@ -127,6 +138,10 @@ def build_job(config_path, overrides, data, storage, name, workers, gpu, max_ste
 @click.option("--gpu/--cpu", default=False, show_default=True, help="Train on GPUs or CPUs.")
 @click.option("--max-steps", default=0, show_default=True, help="Stop at this global step (0: train.epochs).")
 @click.option("--init-from", default=None, help="Coqui checkpoint folder (model.pth + config.json) to warm start from.")
+@click.option("--from-run", default=None, metavar="STORAGE/RUN[@STEP]",
+              help="Start from another run's checkpoint (its newest, or the one at STEP): weights, optimizer "
+                   "moments, step, data position and guard history, with this run's settings; the schedule "
+                   "starts there (e.g. a sweep's best.toml).")
 @click.option("--drill", "drills", multiple=True, metavar="nan@STEP|spike@STEP|blowup@STEP|diverge@STEP",
               help="Rehearse the stability guard: poison a batch, spike the learning rate, blow up "
                    "the weights so that the next forward pass raises, or keep the learning rate far "
@@ -134,14 +149,14 @@ def build_job(config_path, overrides, data, storage, name, workers, gpu, max_ste
 @click.option("--cpus-per-worker", default=1, show_default=True, help="CPU cores (and torch threads) per worker.")
 @click.option("--local", is_flag=True,
               help="One worker in this process, without Ray (a laptop or one GPU; starts ~10 s sooner).")
-def train(config_path, overrides, data, storage, name, workers, gpu, max_steps, init_from, drills,
+def train(config_path, overrides, data, storage, name, workers, gpu, max_steps, init_from, from_run, drills,
           cpus_per_worker, local) -> None:
     """Train Coqui's VITS with Ray Train (or in this process with --local); resume if the run exists."""
     from vits_ray.recovery import RunAbortedError
     from vits_ray.train import TrainSetupError, run_training
 
     job = build_job(config_path, overrides, data, storage, name, workers, gpu, max_steps, init_from, drills,
-                    cpus_per_worker)
+                    cpus_per_worker, from_run)
     try:
         outcome = run_training(job, local=local)
     except (TrainSetupError, RunAbortedError) as err:

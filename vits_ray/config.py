@@ -126,6 +126,11 @@ class OptimConfig:
     warmup_steps: int = 0
     cosine_total_steps: int = 100_000
     min_lr_ratio: float = 0.0
+    # Where the schedule's clock starts: a continuation (a sweep from a run's checkpoint, or
+    # `train --from-run`) applies its schedule from the step and epoch it starts at, so warmup runs
+    # over its first steps and exponential decay counts its own epochs. 0: the run's beginning.
+    schedule_start_step: int = 0
+    schedule_start_epoch: int = 0
     # AdamW's fused kernel: faster, and it skips a non-finite step on the device (no host sync).
     fused: bool = True
 
@@ -141,6 +146,8 @@ class OptimConfig:
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
         _check(self.cosine_total_steps > 0, f"{prefix}.cosine_total_steps", "must be positive")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+        _check(self.schedule_start_step >= 0, f"{prefix}.schedule_start_step", "must be >= 0")
+        _check(self.schedule_start_epoch >= 0, f"{prefix}.schedule_start_epoch", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,6 +304,32 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TuneConfig:
+    """How a sweep judges a trial (`vits-ray tune`); a training run ignores it. See vits_ray.tune."""
+
+    # The score's loss: the mean validation mel loss of the trial's last this-many validations.
+    score_validations: int = 3
+    # The score's own noise: the final validation repeated under this many other seeds (0: off).
+    noise_seeds: int = 4
+    # The stability margin probe: margin_steps steps at margin_multiplier x both learning rates
+    # from the trial's state, then restored exactly. It fails on a spike, a blow-up, a non-finite
+    # step, or a probe loss more than margin_max_loss_rise (relative) above the trial's own; a
+    # trial with a failed probe has its score multiplied by 1 + margin_penalty.
+    margin_multiplier: float = 2.0
+    margin_steps: int = 3
+    margin_max_loss_rise: float = 0.25
+    margin_penalty: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.score_validations >= 1, f"{prefix}.score_validations", "must be >= 1")
+        _check(self.noise_seeds >= 0, f"{prefix}.noise_seeds", "must be >= 0 (0: off)")
+        _check(self.margin_multiplier >= 1.0, f"{prefix}.margin_multiplier", "must be >= 1")
+        _check(self.margin_steps >= 0, f"{prefix}.margin_steps", "must be >= 0 (0: no probe)")
+        _check(self.margin_max_loss_rise > 0, f"{prefix}.margin_max_loss_rise", "must be positive")
+        _check(self.margin_penalty >= 0, f"{prefix}.margin_penalty", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -307,6 +340,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         for section in dataclasses.fields(self):
@@ -513,6 +547,7 @@ RESUMABLE_KEYS = frozenset({
     "storage.endpoint_url", "storage.region", "storage.retry_seconds", "storage.retry_initial_seconds",
     "storage.retry_max_backoff_seconds", "train.max_failures",
     "data.cache_max_gb", "eval.every_steps", "eval.utterances",
+    *(f"tune.{f.name}" for f in dataclasses.fields(TuneConfig)),
 })
 
 

@@ -11,7 +11,10 @@ from vits_ray.config import OptimConfig
 
 
 def lr_factor(cfg: OptimConfig, step: int, epoch: int) -> float:
-    """The multiplier on the base learning rate at global `step` inside `epoch`."""
+    """The multiplier on the base learning rate at global `step` inside `epoch`, on the schedule's
+    own clock (which starts at `schedule_start_step`/`schedule_start_epoch`)."""
+    step = max(0, step - cfg.schedule_start_step)
+    epoch = max(0, epoch - cfg.schedule_start_epoch)
     warmup = 1.0
     if cfg.lr_schedule in ("warmup_exponential", "cosine") and cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         warmup = (step + 1) / cfg.warmup_steps

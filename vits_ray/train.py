@@ -65,6 +65,14 @@ class TrainJob:
     drills: tuple[Drill, ...] = ()
     cpus_per_worker: int = 1
     quiet: bool = False  # no per-step console lines (a sweep's trials); records are written as ever
+    # Start from another run's checkpoint state (`continuation.ContinuationPoint.as_dict()`).
+    from_run: dict[str, Any] | None = None
+    # A sweep trial: the first instability the guard confirms ends the run as diverged (scored, not
+    # rescued); the stability margin is probed at these global steps; at the end the last
+    # validation is repeated under other seeds to measure the score's own noise.
+    stop_on_instability: bool = False
+    margin_probes: tuple[int, ...] = ()
+    measure_score_noise: bool = False
 
     def resolved_config(self) -> Config:
         return config_from_dict(self.config)
@@ -78,6 +86,7 @@ class TrainJob:
     def from_dict(data: dict[str, Any]) -> "TrainJob":
         data = dict(data)
         data["drills"] = tuple(Drill(**d) for d in data.get("drills", ()))
+        data["margin_probes"] = tuple(data.get("margin_probes", ()))
         return TrainJob(**data)
 
 
@@ -164,7 +173,8 @@ def run_local(job: TrainJob) -> TrainOutcome:
     trainer = Trainer(job, 0, 1, device, LocalSession(run_store, cfg.train.keep_last))
     with closing_after(trainer):
         trainer.run()
-        _export_final(trainer)
+        if not trainer.diverged:
+            _export_final(trainer)
     return TrainOutcome(run_uri=run_store.uri, step=trainer.progress.step, export_uri=run_store.url("export"))
 
 
@@ -188,7 +198,7 @@ def train_worker(job_dict: dict[str, Any]) -> None:
                       RaySession(run_store, cfg.train.keep_last))
     with closing_after(trainer):
         trainer.run()
-        if trainer.rank == 0:
+        if trainer.rank == 0 and not trainer.diverged:
             _export_final(trainer)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -52,6 +53,13 @@ RECENT_STEPS = 20
 # The blow-up drill multiplies a duration predictor weight by this: finite, but its activations
 # overflow and Coqui's spline raises instead of returning a loss.
 BLOWUP_DRILL_FACTOR = 1e30
+# Validation draws its segments and noise from a fixed seed (train.seed + this + rank, another
+# VALIDATION_VARIANT_STRIDE per noise-measuring repeat): every validation of every trial sees the
+# same utterances, segments and noise, so two validations differ only by the weights.
+VALIDATION_SEED_OFFSET = 1_000_003
+VALIDATION_VARIANT_STRIDE = 7919
+# A sweep trial stops at the first of these (scored as diverged); a spike alone is a penalty.
+DIVERGING_EVENTS = ("rollback", "blowup", "amp_collapse")
 # The run's rollbacks (rollbacks.RollbackLedger), beside its checkpoints and never inside one.
 LEDGER_FILE = "rollbacks.json"
 
@@ -124,6 +132,16 @@ def progress_line(r: dict[str, Any]) -> str:
             f"| lr {r['lr_1']:.2e} | {r['step_time']:.2f} s/step, loading {share:.1f}%{skipped}")
 
 
+def _loss_rise(reference: list[float], probed: list[float]) -> float:
+    """How much higher the probed losses are than the reference ones, relatively (0.0: no steps)."""
+    if not reference:
+        return 0.0
+    base, value = sum(reference), sum(probed)
+    if not (math.isfinite(base) and math.isfinite(value)) or base <= 0:
+        return float("nan")
+    return value / base - 1.0
+
+
 class Trainer:
     """One rank's training state and loop. Build it, `run()` it, `close()` it."""
 
@@ -161,6 +179,7 @@ class Trainer:
         self.warm_report = None
         self.last_record: dict[str, Any] = {}
         self.resumed_from: CheckpointInfo | None = None
+        self.continued_from = None  # (ContinuationPoint) a new run started from another run's state
 
         resumed = self._restore_latest()
         if not resumed:
@@ -175,10 +194,12 @@ class Trainer:
         self.drills = {d.step: d.kind for d in job.drills if d.kind != "diverge"}
         self.diverge_from = min((d.step for d in job.drills if d.kind == "diverge"), default=None)
         self.spike_drill_until = -1
+        self.lr_scale = 1.0  # the margin probe's multiplier while it runs
         self.pending = PendingSteps()
         self.means = EpochMeans()
         self.recent_mel: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self.last_val_loss_mel = float("nan")
+        self.last_validated_step = -1
         self.last_saved_step = self.progress.step if resumed else -1
         # What a rollback may go back to without a download: the newest trusted checkpoint, and
         # (until a checkpoint is known clean) the run's start, which no folder holds.
@@ -192,6 +213,11 @@ class Trainer:
         self.reference_norms = module_norms(self.model)
         self.save_pending = False  # a scheduled save waiting for the guard's verdict
         self.postponed_from: int | None = None
+        self.diverged = ""  # a sweep trial ended by instability: the cause
+        self.val_noise = float("nan")
+        self.margin_probes = set(job.margin_probes)
+        if self.continued_from is not None and rank == 0:
+            self._announce_continuation()
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -284,6 +310,9 @@ class Trainer:
     def _start_fresh(self) -> None:
         from vits_ray.model import warm_start
 
+        if self.job.from_run:
+            self._continue_from_run()
+            return  # the run's own random state goes on: no reseeding
         if self.job.init_from:
             from vits_ray.init_checkpoint import fetch_init_checkpoint
 
@@ -295,6 +324,29 @@ class Trainer:
         # The weights are identical on every rank; from here on each rank draws its own dropout
         # masks and training segments.
         ckpt_io.seed_everything(self.cfg.train.seed + self.rank)
+
+    def _continue_from_run(self) -> None:
+        """Start from another run's checkpoint state (`continuation`): everything training
+        continues from, as a relaunch of that run would resume it. This run's own records begin
+        here: no health counts, validations or best model carried over; the guard's history is."""
+        from vits_ray.continuation import ContinuationPoint, downloaded
+
+        point = ContinuationPoint(**self.job.from_run)
+        with downloaded(point, self.cfg.storage) as directory:
+            self.restore(ckpt_io.read(directory))
+        fresh = ckpt_io.Progress()
+        self.progress = dataclasses.replace(
+            self.progress, first_epoch=self.progress.epoch, best_val_loss_mel=fresh.best_val_loss_mel,
+            best_mcd_dtw_db=fresh.best_mcd_dtw_db, best_step=fresh.best_step, health={}, val_history=[], margin={})
+        self.continued_from = point
+
+    def _announce_continuation(self) -> None:
+        """The state this run starts from, as a digest: every trial of a continuation sweep logs the same."""
+        digest = ckpt_io.training_state_digest(self.last_good)
+        point = self.continued_from
+        self.logger.event({"step": self.progress.step, "kind": "continued", "detail": {
+            "from": point.label, "checkpoint": point.checkpoint, "state_digest": digest}})
+        say(f"[vits-ray] {self.job.name}: continuing {point.label} (state {digest}) with this run's settings")
 
     # --- state --------------------------------------------------------------------------------
 
@@ -441,7 +493,7 @@ class Trainer:
     def _set_learning_rates(self, step: int) -> tuple[float, float]:
         diverging = self.diverge_from is not None and step >= self.diverge_from
         # The diverge drill ignores the backoff: every timeline from its step on must diverge.
-        multiplier = 1.0 if diverging else self.guard.lr_multiplier(step)
+        multiplier = (1.0 if diverging else self.guard.lr_multiplier(step)) * self.lr_scale
         lr_0, lr_1 = learning_rates(self.cfg.optim, step - 1, self.progress.epoch, multiplier)
         if step < self.spike_drill_until or diverging:
             lr_0, lr_1 = lr_0 * SPIKE_DRILL_FACTOR, lr_1 * SPIKE_DRILL_FACTOR
@@ -545,12 +597,36 @@ class Trainer:
             health[kind] = health.get(kind, 0) + count
         for event in decision.events:
             self.logger.event(event.to_dict())
+        if self.job.stop_on_instability and self._diverging(decision):
+            self._stop_diverged(step, decision)
+            return True
         if decision.rollback:
             self.rollback(step, decision)
         return decision.rollback
 
-    def validate(self) -> dict[str, Any] | None:
-        """Validation mel loss and friends over the val split, shared across ranks."""
+    @staticmethod
+    def _diverging(decision) -> bool:
+        """What a sweep trial stops at: a confirmed spike (the guard would roll back), a blow-up,
+        collapsing AMP, or a step whose losses are not finite."""
+        return decision.rollback or any(
+            e.kind in DIVERGING_EVENTS or (e.kind == "nonfinite" and not e.detail.get("losses_finite", True))
+            for e in decision.events)
+
+    def _stop_diverged(self, step: int, decision) -> None:
+        """A sweep trial ends here: instability is its result (scored), not something to rescue."""
+        kinds = [e.kind for e in decision.events if e.kind not in ("cadence_unstable", "cadence_calm")]
+        reasons = next((e.detail.get("reasons", []) for e in decision.events if e.kind == "rollback"), [])
+        where = next((e.detail.get("where") for e in decision.events if e.kind == "blowup"), None)
+        self.diverged = (f"{', '.join(dict.fromkeys(kinds))} at step {step}"
+                         + (f" ({', '.join(reasons)})" if reasons else "") + (f" in {where}" if where else ""))
+        self.logger.event({"step": step, "kind": "trial_diverged", "detail": {"cause": self.diverged}})
+        if self.rank == 0:
+            say(f"[vits-ray] {self.job.name}: diverged ({self.diverged}); the trial ends here, scored as diverged")
+
+    def validate(self, variant: int = 0) -> dict[str, Any] | None:
+        """Validation mel loss and friends over the val split, shared across ranks. Every
+        validation sees the same batches, segments and noise (a fixed seed per rank and `variant`,
+        forked: training's random streams are untouched), so two differ only by the weights."""
         if self.val_reader is None:
             return None
         # VAL_KEYS sums, then batches, then ranks whose validation blew up.
@@ -558,6 +634,8 @@ class Trainer:
         per_rank = max(1, math.ceil(self.cfg.train.val_batches / self.world_size))
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # validation must not shift training's randomness
+            torch.manual_seed(self.cfg.train.seed + VALIDATION_SEED_OFFSET + VALIDATION_VARIANT_STRIDE * variant
+                              + self.rank)
             for count, batch in enumerate(self.val_reader.iter_epoch(0)):
                 if count >= per_rank:
                     break
@@ -576,18 +654,131 @@ class Trainer:
         return {"kind": "val", "step": self.progress.step, "epoch": self.progress.epoch, "batches": int(totals[-2]),
                 "failed": int(totals[-1]), **{k: v / count for k, v in zip(VAL_KEYS, totals[:len(VAL_KEYS)])}}
 
+    # --- the stability margin (a sweep trial's probe) -----------------------------------------
+
+    def probe_margin(self) -> None:
+        """Would this schedule hold with a little less room? From the current state, take the next
+        `tune.margin_steps` steps twice, on the batches and random draws the trial itself would
+        use next: at 1x (the trial's own next steps) and at `tune.margin_multiplier` x both
+        learning rates. Then the captured state goes back exactly (weights, moments, scaler,
+        progress, guard, every random generator): the trial goes on bit-identical to one without
+        the probe. The probe fails on a spike, blow-up or non-finite step at the higher rate, or a
+        mel loss more than `tune.margin_max_loss_rise` above the 1x pass's on the same batches."""
+        tune = self.cfg.tune
+        state = self.capture()
+        step = self.progress.step
+        try:
+            reference = self._probe_pass(1.0)
+            self.restore(state)
+            probed = self._probe_pass(tune.margin_multiplier)
+            kinds = []
+            for record in probed:
+                kinds += [e.kind for e in self.guard.observe(record["step"], record).events]
+        finally:
+            self.restore(state)  # also the guard, which just judged the probe's steps
+            self.model.model_outputs_cache = None
+        failing = [k for k in dict.fromkeys(kinds) if k in ("spike", "rollback", "blowup", "nonfinite", "amp_collapse")]
+        # Step i's loss is computed before its update: from the second step on they tell apart.
+        rise = _loss_rise([r["loss_mel"] for r in reference[1:]], [r["loss_mel"] for r in probed[1:]])
+        cause = ""
+        if failing:
+            cause = f"{', '.join(failing)} at x{tune.margin_multiplier:g}"
+        elif not math.isfinite(rise):
+            cause = f"non-finite loss at x{tune.margin_multiplier:g}"
+        elif rise > tune.margin_max_loss_rise:
+            cause = f"mel loss +{rise:.0%} at x{tune.margin_multiplier:g} (limit +{tune.margin_max_loss_rise:.0%})"
+        margin = self.progress.margin
+        margin["probes"] = margin.get("probes", 0) + 1
+        margin["failures"] = margin.get("failures", 0) + bool(cause)
+        margin["last_rise"] = rise
+        if math.isfinite(rise):
+            margin["worst_rise"] = max(margin.get("worst_rise", rise), rise)
+        if cause and not margin.get("cause"):
+            margin["cause"] = f"step {step}: {cause}"
+        self.logger.event({"step": step, "kind": "margin_probe", "detail": {
+            "ok": not cause, "cause": cause, "loss_rise": rise, "multiplier": tune.margin_multiplier,
+            "steps": tune.margin_steps, "events": failing}})
+        if self.rank == 0 and not self.job.quiet:
+            say(f"[vits-ray] step {step}: margin probe x{tune.margin_multiplier:g} for {tune.margin_steps} steps: "
+                + (f"failed ({cause})" if cause else f"held (mel loss {rise:+.1%})"))
+
+    def _probe_pass(self, lr_scale: float) -> list[dict[str, Any]]:
+        """`tune.margin_steps` training steps at `lr_scale` x the learning rates, their records
+        reduced over ranks; nothing else of the loop's bookkeeping moves (drills stay armed)."""
+        saved = (self.pending, dict(self.drills), self.spike_drill_until)
+        self.pending, self.lr_scale = PendingSteps(), lr_scale
+        try:
+            for batch in self._upcoming_batches(self.cfg.tune.margin_steps):
+                self.train_step(batch, 0.0)
+            return self.pending.reduce(self.comm)
+        finally:
+            self.lr_scale = 1.0
+            self.pending, self.drills, self.spike_drill_until = saved
+
+    def _upcoming_batches(self, count: int) -> list:
+        """The next `count` batches the trial will train on, read without moving its own reader."""
+        epoch, start, batches = self.progress.epoch, self.progress.batch_in_epoch, []
+        while len(batches) < count:
+            upcoming = self.reader.iter_epoch(epoch, start)
+            try:
+                for batch in upcoming:
+                    batches.append(batch)
+                    if len(batches) == count:
+                        break
+            finally:
+                upcoming.close()
+            epoch, start = epoch + 1, 0
+        return batches
+
+    def measure_score_noise(self) -> None:
+        """The score's own noise: the last validation (taken now if the last step had none)
+        repeated under `tune.noise_seeds` other seeds, same weights; `val_noise` is the standard
+        deviation of them all. A difference between two trials' scores smaller than a couple of
+        these says nothing about their schedules."""
+        if self.val_reader is None or not self.cfg.tune.noise_seeds:
+            return
+        if not self.sync() or self.diverged:
+            return
+        val = self.validate()
+        if val["failed"]:
+            self._instability(self.guard.blowup(self.progress.step, "validation", val["failed"]), self.progress.step)
+            return
+        if self.last_validated_step != self.progress.step:
+            self._after_validation(val)
+        values = [val["val_loss_mel"]]
+        for variant in range(1, self.cfg.tune.noise_seeds + 1):
+            repeat = self.validate(variant)
+            if not repeat["failed"]:
+                values.append(repeat["val_loss_mel"])
+        mean = sum(values) / len(values)
+        self.val_noise = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+        self.logger.event({"step": self.progress.step, "kind": "score_noise", "detail": {
+            "val_loss_mel": values, "std": self.val_noise, "seeds": len(values)}})
+
     def health_metrics(self) -> dict[str, Any]:
         """What every report to Ray carries: where the run is, its recent mel loss (the median of
         the last finite steps, robust to one noisy batch), its last validation mel loss, and how
         unstable it has been. A sweep scores trials from these."""
         recent = sorted(self.recent_mel)
+        history = self.progress.val_history
+        margin = self.progress.margin
         return {"step": self.progress.step, "loss_mel_recent": recent[len(recent) // 2] if recent else float("nan"),
                 "val_loss_mel": self.last_val_loss_mel,
+                "val_loss_mel_mean": sum(history) / len(history) if history else float("nan"),
+                "validations": len(history), "val_noise": self.val_noise,
+                "diverged": int(bool(self.diverged)), "cause": self.diverged,
+                "margin_probes": margin.get("probes", 0), "margin_failures": margin.get("failures", 0),
+                "margin_loss_rise": margin.get("last_rise", float("nan")),
+                "margin_cause": margin.get("cause", ""),
                 **{k: self.progress.health.get(k, 0) for k in ckpt_io.HEALTH_COUNTS}}
 
     def _after_validation(self, val: dict[str, Any]) -> None:
         self.logger.log(val)
         self.last_val_loss_mel = val["val_loss_mel"]
+        self.last_validated_step = val["step"]
+        history = self.progress.val_history
+        history.append(float(val["val_loss_mel"]))
+        del history[:-self.cfg.tune.score_validations]
         if self.quality_probe is None:  # else the best model is chosen by measured quality
             self._consider_best("best_val_loss_mel", val["val_loss_mel"])
 
@@ -631,15 +822,25 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
 
     def finished(self) -> bool:
-        return bool(self.max_steps) and self.progress.step >= self.max_steps
+        return bool(self.diverged) or (bool(self.max_steps) and self.progress.step >= self.max_steps)
 
     def run(self) -> None:
         first, epochs = self.progress.first_epoch, self.cfg.train.epochs
         while not self.finished() and self.progress.epoch < first + epochs:
             if self.train_epoch():
                 self.end_epoch()
+        if self.diverged:  # nothing worth saving: the trial's result is its diverged report
+            self.logger.flush()
+            self.session.report(self.health_metrics())
+            return
+        if self.job.measure_score_noise:
+            self.measure_score_noise()
         if self.last_saved_step != self.progress.step:
             self.sync()
+            if self.diverged:
+                self.logger.flush()
+                self.session.report(self.health_metrics())
+                return
             self.save({}, self.guard.checkpoint_verdict())
 
     def train_epoch(self) -> bool:
@@ -659,6 +860,9 @@ class Trainer:
                     self._after_validation(val)
             if self.quality_probe is not None and step % self.cfg.eval.every_steps == 0:
                 self.measure_quality()
+            if step in self.margin_probes and self.cfg.tune.margin_steps:
+                self.probe_margin()
+                self.session.report(self.health_metrics())  # the scheduler hears the margin at this rung
             if self.guard.save_due(step) or self.save_pending or self.finished():
                 self._save_when_trusted(step)
             if self.finished():
