@@ -308,3 +308,24 @@ def test_a_warm_start_file_that_is_not_a_checkpoint_is_refused(tiny, tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CorruptCheckpointError, match="not a readable torch checkpoint"):
         warm_start(model, path, None)
+
+
+def test_a_state_held_in_memory_survives_being_restored_and_trained_on(tiny):
+    """What a rollback to the last trusted state, or the margin probe, relies on: restoring a state
+    twice gives the same optimizer moments both times (load_state_dict would otherwise adopt the
+    state's own tensors and the next steps would update them in place)."""
+    cfg, vocab, model, optimizers = tiny
+    progress = Progress(step=3, health={"spikes": 1}, val_history=[5.0])
+    state = ckpt.capture(model, optimizers, None, progress, [ckpt.rng_state(CPU)])
+    digest = ckpt.training_state_digest(state)
+    for _ in range(2):
+        restored = ckpt.restore(state, model, optimizers, None, rank=0, world_size=1, device=CPU)
+        restored.health["spikes"] += 1
+        restored.val_history.append(6.0)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.randn_like(p)
+            optimizer.step()
+    assert ckpt.training_state_digest(state) == digest
+    assert state["progress"]["health"] == {"spikes": 1} and state["progress"]["val_history"] == [5.0]

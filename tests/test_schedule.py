@@ -26,3 +26,17 @@ def test_warmup_then_cosine_to_floor():
 def test_multiplier_scales_both():
     cfg = load_config("tiny").optim
     assert learning_rates(cfg, 0, 0, 0.5) == (1e-4, 1e-4)
+
+
+def test_a_continuation_runs_its_schedule_from_where_it_starts():
+    """`optim.schedule_start_step/epoch`: warmup and cosine count steps, exponential decay counts
+    epochs, from the continuation's start (before it: the schedule's first value)."""
+    warm = load_config("tiny", ["optim.lr_schedule=warmup_exponential", "optim.warmup_steps=10",
+                                "optim.lr_gamma=0.5", "optim.schedule_start_step=1000",
+                                "optim.schedule_start_epoch=40"]).optim
+    assert math.isclose(learning_rates(warm, 1000, 40)[1], 2e-4 / 10)  # the first step of the continuation
+    assert math.isclose(learning_rates(warm, 1009, 40)[1], 2e-4)
+    assert math.isclose(learning_rates(warm, 1020, 42)[1], 2e-4 * 0.25)  # two of its own epochs
+    unshifted = load_config("tiny", ["optim.lr_schedule=warmup_exponential", "optim.warmup_steps=10",
+                                     "optim.lr_gamma=0.5"]).optim
+    assert math.isclose(learning_rates(unshifted, 1000, 40)[1], 2e-4 * 0.5 ** 40)

@@ -18,7 +18,7 @@ from vits_ray.runlog import RunLogger
 from vits_ray.stability import Event
 from vits_ray.storage import open_store
 from vits_ray.tune.space import load_space
-from vits_ray.tune.sweep import trial_row, trials_csv
+from vits_ray.tune.sweep import SweepJob, trial_row, trials_csv
 
 MAX_STEPS = 8
 SPACE = """
@@ -77,11 +77,13 @@ def sweep_dir(tmp_path_factory):
     (root / "space.toml").write_text(SPACE)
     space = load_space(root / "space.toml", load_config("tiny"))
     store = open_store(str(root / "s1"))
+    sweep = SweepJob(recipe="tiny", overrides=(), space_path=str(root / "space.toml"), data_uri="", storage_uri="",
+                     name="s1", max_steps=MAX_STEPS, confirm_top=0)
     rows = []
     for trial_id, (settings, steps, start, spike_step, error) in TRIALS.items():
         if error is None:  # the errored trial never wrote a record
             write_trial_records(store, trial_id, steps, start, spike_step)
-        rows.append(trial_row(result_of(trial_id, settings, steps, start, spike_step, error), space, MAX_STEPS))
+        rows.append(trial_row(result_of(trial_id, settings, steps, start, spike_step, error), space, sweep))
     store.write_bytes("trials.csv", trials_csv(rows, space).encode("utf-8"))
     store.write_bytes("best.toml", b'extends = "tiny.toml"\n')
     return root / "s1"

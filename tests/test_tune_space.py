@@ -36,7 +36,7 @@ def test_bundled_space_loads_and_every_suggestion_makes_a_valid_config(base):
         # conditional keys only under their condition
         assert ("optim.warmup_steps" in settings) == (settings["optim.lr_schedule"] == "warmup_exponential")
         assert ("optim.lr_gamma" in settings) == (settings["optim.lr_schedule"] == "exponential")
-        assert 2e-5 <= settings["optim.lr_gen"] <= 1e-3
+        assert 5e-5 <= settings["optim.lr_gen"] <= 8e-4
         study.tell(trial, settings["optim.lr_gen"])
     assert len(schedules) >= 3
 
@@ -70,4 +70,4 @@ def test_score_ranks_a_rescued_run_below_a_clean_one_with_the_same_loss():
 def test_score_without_validation_uses_recent_training_loss_and_diverged_is_finite():
     assert score_metrics({"val_loss_mel": float("nan"), "loss_mel_recent": 40.0}).loss == 40.0
     diverged = score_metrics({"val_loss_mel": float("nan"), "loss_mel_recent": float("nan"), "nonfinite_steps": 9})
-    assert diverged.diverged and diverged.score == DIVERGED_SCORE and math.isfinite(diverged.score)
+    assert diverged.diverged and DIVERGED_SCORE <= diverged.score <= 2 * DIVERGED_SCORE and math.isfinite(diverged.score)

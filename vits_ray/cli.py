@@ -179,29 +179,57 @@ def train(config_path, overrides, data, storage, name, workers, gpu, max_steps, 
 @click.option("--workers", default=1, show_default=True, help="Ray Train workers per trial.")
 @click.option("--gpu/--cpu", default=False, show_default=True, help="Train on GPUs or CPUs.")
 @click.option("--cpus-per-worker", default=1, show_default=True, help="CPU cores (and torch threads) per trial worker.")
+@click.option("--from-run", default=None, metavar="STORAGE/RUN[@STEP]",
+              help="Continuation sweep: every trial starts from this run's checkpoint (its newest, or the one at "
+                   "STEP) - weights, optimizer moments, step, data position, guard history - and applies its "
+                   "schedule from there. --max-steps and --confirm-steps count the trial's own steps.")
+@click.option("--init-from", default=None, help="Every trial warm-starts from this Coqui checkpoint folder or export.")
+@click.option("--confirm-top", default=2, show_default=True,
+              help="The best clean trials with their stability margin continued to --confirm-steps (0: no "
+                   "confirmation; best.toml is then the lowest search score).")
+@click.option("--confirm-steps", default=0, show_default=True,
+              help="A confirmed trial's own steps in all (0: 10 x --max-steps).")
+@click.option("--confirm-drill", default="", metavar="KIND@N",
+              help="Rehearsal: a drill (spike, nan, blowup, diverge) N steps into the search-best trial's confirmation.")
 def tune(config_path, overrides, data, storage, name, space_path, trials, concurrent, max_steps, workers, gpu,
-         cpus_per_worker) -> None:
-    """Search learning-rate schedules with Ray Tune + Optuna, scored for stability as well as loss."""
+         cpus_per_worker, from_run, init_from, confirm_top, confirm_steps, confirm_drill) -> None:
+    """Search learning-rate schedules with Ray Tune + Optuna, scored for stability as well as loss, then
+    confirm the best over a longer horizon. Fine-tuning? Give --from-run (or --init-from): a schedule tuned
+    from random weights says little about continuing a converged model."""
     from vits_ray.config import RECIPE_DIR
     from vits_ray.recovery import RunAbortedError
     from vits_ray.train import TrainSetupError
+    from vits_ray.continuation import ContinuationError
+    from vits_ray.train import Drill
     from vits_ray.tune.space import SpaceError
     from vits_ray.tune.sweep import BEST_FILE, TRIALS_FILE, SweepFailedError, SweepJob, run_sweep
 
     load_or_exit(config_path, overrides)
+    if confirm_drill:
+        try:
+            Drill.parse(confirm_drill)
+        except TrainSetupError as err:
+            raise click.UsageError(f"--confirm-drill: {err}") from err
+    if not (from_run or init_from):
+        click.echo("note: trials start from random weights; to tune a fine-tune, give --from-run STORAGE/RUN "
+                   "(or --init-from MODEL)", err=True)
     sweep = SweepJob(recipe=config_path, overrides=tuple(overrides), space_path=space_path or str(RECIPE_DIR / "tune_lr.toml"),
                      data_uri=data, storage_uri=storage, name=name, trials=trials, concurrent=concurrent,
-                     max_steps=max_steps, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker)
+                     max_steps=max_steps, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+                     from_run=from_run or "", init_from=init_from or "", confirm_top=confirm_top,
+                     confirm_steps=confirm_steps, confirm_drill=confirm_drill)
     try:
         outcome = run_sweep(sweep)
-    except (SpaceError, TrainSetupError, RunAbortedError, SweepFailedError) as err:
+    except (SpaceError, TrainSetupError, RunAbortedError, SweepFailedError, ContinuationError) as err:
         raise click.ClickException(str(err)) from err
     done = collections.Counter(r["status"] for r in outcome.rows)
     click.echo(f"sweep: {outcome.sweep_uri} ({', '.join(f'{n} {s}' for s, n in sorted(done.items()))})")
     click.echo(f"trials: {outcome.sweep_uri}/{TRIALS_FILE}")
     if outcome.best is not None:
-        click.echo(f"best: trial {outcome.best['trial_id']}, score {outcome.best['score']:.4g} -> "
+        click.echo(f"best: trial {outcome.best['trial_id']}, search score {outcome.best['score']:.4g} -> "
                    f"{outcome.sweep_uri}/{BEST_FILE}")
+    if outcome.why:
+        click.echo(f"why: {outcome.why}" if outcome.best is not None else f"no best.toml: {outcome.why}")
 
 
 # --- report -------------------------------------------------------------------------------

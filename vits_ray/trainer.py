@@ -59,7 +59,7 @@ BLOWUP_DRILL_FACTOR = 1e30
 VALIDATION_SEED_OFFSET = 1_000_003
 VALIDATION_VARIANT_STRIDE = 7919
 # A sweep trial stops at the first of these (scored as diverged); a spike alone is a penalty.
-DIVERGING_EVENTS = ("rollback", "blowup", "amp_collapse")
+DIVERGING_EVENTS = ("rollback", "blowup", "amp_collapse", "nonfinite")
 # The run's rollbacks (rollbacks.RollbackLedger), beside its checkpoints and never inside one.
 LEDGER_FILE = "rollbacks.json"
 
@@ -607,10 +607,10 @@ class Trainer:
     @staticmethod
     def _diverging(decision) -> bool:
         """What a sweep trial stops at: a confirmed spike (the guard would roll back), a blow-up,
-        collapsing AMP, or a step whose losses are not finite."""
-        return decision.rollback or any(
-            e.kind in DIVERGING_EVENTS or (e.kind == "nonfinite" and not e.detail.get("losses_finite", True))
-            for e in decision.events)
+        collapsing AMP, or a non-finite step (seen at lr 0.9 on the tiny model: a loss of 1e32 and
+        an infinite gradient, one step before everything is NaN). A normal run skips such a step;
+        a trial that needed it skipped has found the edge."""
+        return decision.rollback or any(e.kind in DIVERGING_EVENTS for e in decision.events)
 
     def _stop_diverged(self, step: int, decision) -> None:
         """A sweep trial ends here: instability is its result (scored), not something to rescue."""
@@ -737,8 +737,6 @@ class Trainer:
         these says nothing about their schedules."""
         if self.val_reader is None or not self.cfg.tune.noise_seeds:
             return
-        if not self.sync() or self.diverged:
-            return
         val = self.validate()
         if val["failed"]:
             self._instability(self.guard.blowup(self.progress.step, "validation", val["failed"]), self.progress.step)
@@ -833,10 +831,10 @@ class Trainer:
             self.logger.flush()
             self.session.report(self.health_metrics())
             return
-        if self.job.measure_score_noise:
-            self.measure_score_noise()
         if self.last_saved_step != self.progress.step:
             self.sync()
+            if not self.diverged and self.job.measure_score_noise:
+                self.measure_score_noise()
             if self.diverged:
                 self.logger.flush()
                 self.session.report(self.health_metrics())
@@ -863,6 +861,10 @@ class Trainer:
             if step in self.margin_probes and self.cfg.tune.margin_steps:
                 self.probe_margin()
                 self.session.report(self.health_metrics())  # the scheduler hears the margin at this rung
+            if self.finished() and self.job.measure_score_noise:
+                self.measure_score_noise()  # before the last save, whose report carries it
+                if self.diverged:
+                    return False
             if self.guard.save_due(step) or self.save_pending or self.finished():
                 self._save_when_trusted(step)
             if self.finished():

@@ -4,8 +4,9 @@ demo corpus (espeak-ng Bangla) -> `prepare` into shards -> train the tiny model 
 (two data-parallel workers, measuring its quality on a few val utterances as it goes) -> speak
 (`synth`: Bangla WAVs, numerals included) and an ONNX export that passed its parity check ->
 `evaluate` on the val split -> report (with its quality section) -> a small learning-rate sweep
-(Ray Tune + Optuna + ASHA) and its report. Everything lands under one folder so a user can look at
-each stage's output.
+(Ray Tune + Optuna + ASHA) continuing the demo run's last checkpoint, with a trial scored as
+diverged, stability margin probes and a long-horizon confirmation of the best two, and its report.
+Everything lands under one folder so a user can look at each stage's output.
 Training includes a blow-up drill (the weights explode five eighths of the way in and Coqui's
 forward raises): the run rolls back to its last checkpoint and goes on, and the report shows it.
 """
@@ -19,6 +20,11 @@ from vits_ray.config import Config, replace
 # What the demo model says at the end: sentences of the demo corpus, and one with numerals (spoken
 # as words by the front-end). Letters the 40-utterance corpus never used are dropped, and listed.
 DEMO_SENTENCES = ("শুভ সকাল!", "আমি ভালো আছি, ধন্যবাদ।", "আমার ১২৩ টাকা লাগবে।")
+# The sweep tries the top of its space (jobs/configs/tune_demo.toml) first: the tiny model blows up
+# there, so the demo shows a trial scored as diverged. Its confirmation runs 4x the trial horizon
+# (the default is 10x) to keep the demo short.
+DEMO_EDGE_LR = 0.2
+DEMO_CONFIRM_FACTOR = 4
 
 
 def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, workers: int = 2,
@@ -76,13 +82,20 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, wo
     report_path = write_report(outcome.run_uri, report_dir)
 
     sweeps = out_dir / "sweeps"
-    print(f"[demo] 7/7 sweep: {sweep_trials} trials of the generator learning rate, up to {sweep_steps} steps "
-          f"each, one at a time -> {sweeps}/lr", flush=True)
-    # A trial whose model blew up fails the same way after a restart: no retries in the demo.
-    sweep = run_sweep(SweepJob(recipe=recipe, overrides=(*overrides, "train.max_failures=0"),
+    confirm_steps = DEMO_CONFIRM_FACTOR * sweep_steps
+    print(f"[demo] 7/7 sweep: {sweep_trials} trials of the generator learning rate continuing {outcome.run_uri} "
+          f"at its last checkpoint, {sweep_steps} steps each (the recipe's {config.optim.lr_gen:g} and the space's "
+          f"top, {DEMO_EDGE_LR:g}, first), margin probes at each rung, then the best two confirmed over "
+          f"{confirm_steps} steps -> {sweeps}/lr", flush=True)
+    # A trial whose model blew up fails the same way after a restart: no retries in the demo. Two
+    # probe steps (the default is 3) keep the demo short.
+    sweep = run_sweep(SweepJob(recipe=recipe, overrides=(*overrides, "train.max_failures=0", "tune.margin_steps=2"),
                                space_path=str(RECIPE_DIR / "tune_demo.toml"), data_uri=str(shards),
                                storage_uri=str(sweeps), name="lr", trials=sweep_trials, max_steps=sweep_steps,
-                               grace_steps=max(1, sweep_steps // 4)))
+                               grace_steps=max(1, sweep_steps // 2), workers=workers, from_run=outcome.run_uri,
+                               confirm_top=2, confirm_steps=confirm_steps,
+                               first_points=({"optim.lr_gen": config.optim.lr_gen}, {"optim.lr_gen": DEMO_EDGE_LR})))
+    print(f"[demo] sweep: {sweep.why}", flush=True)
     sweep_report = write_sweep_report(sweep.sweep_uri, out_dir / "sweep-report")
     print(f"[demo] done.\n  shards:  {shards}\n  run:     {outcome.run_uri}\n  export:  {outcome.export_uri}"
           f"\n  speech:  {speech}\n  onnx:    {exported.uri}\n  eval:    {evaluation_uri}/eval.json"

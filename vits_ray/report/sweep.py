@@ -28,7 +28,8 @@ from vits_ray.report.plots import Figure, Mark, STEP_EVENT_MARKS, _broken, _save
 from vits_ray.report.document import Block, Bullets, Heading, Image, Para, Table, fmt, json_safe, to_html, to_markdown
 from vits_ray.storage import StorageError, open_store
 from vits_ray.tune.score import DIVERGED_SCORE
-from vits_ray.tune.sweep import BEST_FILE, SCORE_COLUMNS, SCORED_COLUMNS, TRIALS_FILE
+from vits_ray.tune.confirm import CONFIRMATIONS_FILE
+from vits_ray.tune.sweep import BEST_FILE, SCORE_COLUMNS, SCORED_COLUMNS, SWEEP_FILE, TRIALS_FILE
 
 import matplotlib.pyplot as plt  # noqa: E402  (after plots, which selects the Agg backend)
 
@@ -36,6 +37,9 @@ LOG_SPAN = 20  # a positive parameter spanning more than this factor gets a log 
 CURVE_EVENTS = ("spike", "rollback", "nonfinite", "blowup")
 LEGEND_MAX = 12  # trials named in a legend or next to their points; more would hide the plot
 ERROR_CHARS = 80
+# What a trials.csv must have (the columns written since the first sweeps); later ones are optional.
+REQUIRED_COLUMNS = ("trial_id", "status", "score", "loss", *HEALTH_COUNTS, "penalty", "steps", "error")
+NOISE_FACTOR = 2  # a score difference beyond this many noise standard deviations is called real
 POINT_STYLE = {"clean": ("o", "tab:blue", "clean"),
                "unstable": ("v", "tab:red", "spikes, rollbacks, non-finite steps or blow-ups"),
                "diverged": ("^", "black", "diverged (no finite loss), in the gray band at the top")}
@@ -48,6 +52,7 @@ class Trial:
     numbers: dict[str, float]  # score, loss, spikes, ..., steps (NaN where trials.csv has none)
     params: dict[str, str]  # the keys searched for this trial, as trials.csv writes them
     error: str
+    cause: str = ""  # why it diverged
     run: Optional[RunData] = None
     score: float = field(init=False)
     errored: bool = field(init=False)
@@ -58,7 +63,7 @@ class Trial:
     def __post_init__(self) -> None:
         self.score = self.numbers["score"]
         self.errored = self.status == "errored"
-        self.diverged = not self.errored and self.score >= DIVERGED_SCORE
+        self.diverged = not self.errored and (self.status == "diverged" or self.score >= DIVERGED_SCORE)
         unstable = any(self.numbers[k] > 0 for k in HEALTH_COUNTS)  # NaN counts: not unstable
         self.kind = "diverged" if self.diverged else "unstable" if unstable else "clean"
         self.steps = int(self.numbers["steps"]) if math.isfinite(self.numbers["steps"]) else 0
@@ -72,10 +77,31 @@ class Sweep:
     trials: list[Trial]  # by score, errored last
     best_toml: Optional[str]  # its URI, when the sweep wrote one
     warnings: list[str]
+    description: dict[str, Any] = field(default_factory=dict)  # sweep.json: where the trials started, ...
+    confirmations: list[dict[str, Any]] = field(default_factory=list)  # confirmations.json
+    why: str = ""  # best.toml's "Why:" line
 
     @property
     def best(self) -> Optional[Trial]:
+        if self.description.get("confirm_top"):  # a confirmed sweep's best is the clean confirmed one
+            if self.best_id is None:
+                return None
+            return next((t for t in self.trials if t.id == self.best_id), None)
         return next((t for t in self.trials if not t.errored and not t.diverged), None)
+
+    @property
+    def best_id(self) -> Optional[str]:
+        clean = [c for c in self.confirmations if c.get("clean")]
+        if clean:
+            return min(clean, key=lambda c: c["confirmed_score"])["trial_id"]
+        return None
+
+    @property
+    def noise(self) -> float:
+        """The score's noise: the median over trials of their final validation's spread over seeds."""
+        values = sorted(t.numbers.get("val_noise", math.nan) for t in self.trials)
+        values = [v for v in values if math.isfinite(v)]
+        return values[len(values) // 2] if values else math.nan
 
 
 @dataclass(frozen=True)
@@ -107,16 +133,16 @@ def read_trials(store) -> tuple[list[str], list[Trial]]:
         raise ReportError(f"{name} not found: not a sweep folder (run_sweep writes it when the sweep ends)")
     reader = csv.DictReader(io.StringIO(store.read_bytes(TRIALS_FILE).decode("utf-8")))
     columns = reader.fieldnames or []
-    missing = [c for c in SCORE_COLUMNS if c not in columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise ReportError(f"{name}: missing column(s) {', '.join(missing)}")
     keys = [c for c in columns if c not in SCORE_COLUMNS]
     trials = []
     for lineno, row in enumerate(reader, 2):
         where = f"{name} line {lineno}"
-        numbers = {c: _number(row[c] or "", where, c) for c in SCORED_COLUMNS}
+        numbers = {c: _number(row.get(c) or "", where, c) for c in SCORED_COLUMNS}
         trials.append(Trial(row["trial_id"], row["status"], numbers, {k: row[k] for k in keys if row.get(k)},
-                            row["error"] or ""))
+                            row["error"] or "", row.get("cause") or ""))
     trials.sort(key=lambda t: (t.errored, t.score if math.isfinite(t.score) else math.inf))
     return keys, trials
 
@@ -144,7 +170,14 @@ def load_sweep(source: str) -> Sweep:
     for trial in trials:
         trial.run = _trial_run(store, trial, problems)
     best_toml = store.url(BEST_FILE) if store.exists(BEST_FILE) else None
-    return Sweep(store.uri.rstrip("/").rsplit("/", 1)[-1], store.uri, keys, trials, best_toml, problems)
+    why = ""
+    if best_toml:
+        why = next((line[len("# Why: "):] for line in store.read_bytes(BEST_FILE).decode("utf-8").splitlines()
+                    if line.startswith("# Why: ")), "")
+    description = json.loads(store.read_bytes(SWEEP_FILE)) if store.exists(SWEEP_FILE) else {}
+    confirmations = json.loads(store.read_bytes(CONFIRMATIONS_FILE)) if store.exists(CONFIRMATIONS_FILE) else []
+    return Sweep(store.uri.rstrip("/").rsplit("/", 1)[-1], store.uri, keys, trials, best_toml, problems,
+                 description, confirmations, why)
 
 
 # --- numbers ---------------------------------------------------------------------------------
@@ -357,28 +390,96 @@ def _header(sweep: Sweep) -> list[Block]:
     items = [f"Source: `{sweep.source}`.",
              f"{len(sweep.trials)} trial(s)" + (f": {by_status}" if by_status else "")
              + (f"; {diverged} of them diverged" if diverged else "") + "."]
+    if sweep.description:
+        items.append(f"Every trial started from: `{sweep.description.get('start_label', 'scratch')}`"
+                     + (" (a continuation: that checkpoint's weights, optimizer moments, step, data position "
+                        "and guard history)." if sweep.description.get("start") else "."))
     best = sweep.best
     if best is None:
-        items.append("No best trial: every trial errored or diverged.")
+        items.append("No best trial: " + (sweep.why or "no confirmed trial stayed clean" if sweep.confirmations
+                                          else "every trial errored or diverged") + ".")
     else:
         settings = ", ".join(f"{k} = {v}" for k, v in best.params.items()) or "none"
-        items.append(f"Best trial (lowest score among trials that neither errored nor diverged): {best.id}, score "
-                     f"{fmt(best.score, 4)} (loss {_number_text(best.numbers['loss'])}, {best.status} at step "
-                     f"{best.steps}); settings: {settings}.")
+        chosen = ("the confirmed trial with the best confirmed score among those that stayed clean"
+                  if sweep.confirmations else "lowest score among trials that neither errored nor diverged")
+        items.append(f"Best trial ({chosen}): {best.id}, search score {fmt(best.score, 4)} (loss "
+                     f"{_number_text(best.numbers['loss'])}, {best.status} at step {best.steps}); settings: "
+                     f"{settings}.")
+        if sweep.why:
+            items.append(f"Why it won: {sweep.why}.")
     if sweep.best_toml:
         items.append(f"The best trial as a recipe: `{sweep.best_toml}`.")
     return [Heading(f"Sweep report: {sweep.name}", 1), Bullets(items)]
 
 
 def _trials_table(sweep: Sweep) -> list[Block]:
+    def margin(t: Trial) -> str:
+        ok = t.numbers.get("margin_ok", math.nan)
+        if not math.isfinite(ok):
+            return "–"
+        rise = t.numbers.get("margin_loss_rise", math.nan)
+        return ("held" if ok else "failed") + (f" ({rise:+.1%})" if math.isfinite(rise) else "")
+
     rows = [[t.id, t.status, _score_text(t), _number_text(t.numbers["loss"]),
-             *(_number_text(t.numbers[k], count=True) for k in (*HEALTH_COUNTS, "steps")),
-             *(t.params.get(k, "–") for k in sweep.keys), _short(t.error)] for t in sweep.trials]
+             *(_number_text(t.numbers[k], count=True) for k in (*HEALTH_COUNTS, "steps")), margin(t),
+             _number_text(t.numbers.get("val_noise", math.nan)),
+             *(t.params.get(k, "–") for k in sweep.keys), _short(t.error or t.cause)] for t in sweep.trials]
     return [Heading("Trials"),
-            Para("By score (lower is better: the mel loss inflated by a penalty per spike, rollback, non-finite step "
-                 "and blow-up); errored trials last. – in a parameter column: not searched for that trial."),
+            Para("By score (lower is better: the mean mel loss of the trial's last validations, inflated by a penalty "
+                 "per spike, rollback, non-finite step and blow-up, and for a failed stability margin probe); a trial "
+                 "that diverged (its first confirmed instability ended it) scores above every other, errored trials "
+                 "last. Margin: the probe at the higher learning rate held or failed, with its mel loss rise against "
+                 "the same steps at 1x. Noise: the final validation's standard deviation over seeds. – in a parameter "
+                 "column: not searched for that trial."),
             Table(["trial", "status", "score", "loss", "spikes", "rollbacks", "non-finite", "blow-ups", "steps",
-                   *sweep.keys, "error"], rows)]
+                   "margin", "noise", *sweep.keys, "cause / error"], rows)]
+
+
+def _noise(sweep: Sweep) -> list[Block]:
+    """Which score differences exceed the score's own noise."""
+    noise = sweep.noise
+    blocks: list[Block] = [Heading("Score noise")]
+    if not math.isfinite(noise):
+        return blocks + [Para("Not measured (no trial repeated its final validation under other seeds).")]
+    ranked = [t for t in sweep.trials if not t.errored and not t.diverged]
+    items = [f"The score's noise: {fmt(noise, 3)} (median over trials of the final validation's standard deviation "
+             f"over seeds; the same weights, only the validation's segments and noise changed). A difference under "
+             f"{NOISE_FACTOR} x that, {fmt(NOISE_FACTOR * noise, 3)}, says nothing about the schedules."]
+    if len(ranked) >= 2:
+        top = ranked[0]
+        for t in ranked[1:]:
+            gap = t.score - top.score
+            items.append(f"{t.id} vs {top.id}: {fmt(gap, 3)} worse, "
+                         + ("beyond the noise." if gap > NOISE_FACTOR * noise else "within the noise."))
+    return blocks + [Bullets(items)]
+
+
+def _confirmation(sweep: Sweep) -> list[Block]:
+    blocks: list[Block] = [Heading("Long-horizon confirmation")]
+    if not sweep.confirmations:
+        return blocks + [Para(sweep.why or "No confirmation ran (none asked for, or no trial completed clean "
+                                           "with its stability margin).")]
+    horizon = sweep.description.get("confirm_steps", "?")
+    rows = []
+    for c in sweep.confirmations:
+        def number(key: str, count: bool = False) -> str:
+            value = c.get(key)
+            return _number_text(float(value) if value is not None else math.nan, count)
+
+        rise = c.get("margin_loss_rise")
+        rows.append([c["trial_id"], number("search_score"), number("confirmed_score"),
+                     *(number(k, count=True) for k in ("spikes", "rollbacks", "blowups", "nonfinite_steps")),
+                     number("steps", count=True),
+                     ("held" if c.get("margin_ok") else "failed") + (f" ({rise:+.1%})" if rise is not None else ""),
+                     c.get("drill") or "–", c.get("verdict", "")])
+    blocks += [Para(f"The best trials that completed clean with their stability margin, continued from their own "
+                    f"checkpoints to {horizon} of their own steps under the stability guard as a real run has it. "
+                    f"Counts are what happened during the confirmation."),
+               Table(["trial", "search score", "confirmed score", "spikes", "rollbacks", "blow-ups", "non-finite",
+                      "steps", "margin", "drill", "verdict"], rows)]
+    if sweep.why:
+        blocks.append(Para(("Winner: " if sweep.best_id else "No winner: ") + sweep.why + "."))
+    return blocks
 
 
 def _early_stopping(stopping: dict[str, Any]) -> list[Block]:
@@ -418,7 +519,8 @@ def write_sweep_report(source: str, out_dir: Path) -> Path:
     curves = plot_mel_curves(sweep, out_dir)
     stopping = early_stopping(sweep)
     found, notes = importances(sweep, by_key)
-    blocks = _header(sweep) + _trials_table(sweep) + [Heading("Score against each searched parameter")]
+    blocks = _header(sweep) + _trials_table(sweep) + _noise(sweep) + _confirmation(sweep)
+    blocks += [Heading("Score against each searched parameter")]
     blocks += [Image(f.path, f.title) for f in scatters] or [Para("No searched parameters in trials.csv.")]
     blocks += [Heading("Mel loss of every trial")]
     blocks += [Image(curves.path, curves.title)] if curves else [Para("No trial has readable step records.")]
@@ -430,9 +532,10 @@ def write_sweep_report(source: str, out_dir: Path) -> Path:
     (out_dir / "sweep.html").write_text(to_html(blocks, f"Sweep report: {sweep.name}"), encoding="utf-8")
     figures = scatters + ([curves] if curves else [])
     data = {"sweep": sweep.name, "source": sweep.source, "keys": sweep.keys, "best_toml": sweep.best_toml,
-            "best": sweep.best.id if sweep.best else None,
+            "best": sweep.best.id if sweep.best else None, "why": sweep.why, "start": sweep.description.get("start_label"),
+            "noise": sweep.noise, "confirmations": sweep.confirmations,
             "trials": [{"trial_id": t.id, "status": t.status, **t.numbers, "params": t.params, "error": t.error,
-                        "diverged": t.diverged} for t in sweep.trials],
+                        "cause": t.cause, "diverged": t.diverged} for t in sweep.trials],
             "early_stopping": stopping, "importances": found, "importance_notes": notes, "warnings": sweep.warnings,
             "figures": [{"file": f.path.name, "title": f.title, "marks": [vars(m) for m in f.marks]} for f in figures]}
     (out_dir / "sweep.json").write_text(json.dumps(json_safe(data), indent=1, ensure_ascii=False), encoding="utf-8")
