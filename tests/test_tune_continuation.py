@@ -64,7 +64,7 @@ def base_run(prepared_demo, tmp_path_factory) -> Path:
 
 def sweep_job(prepared_demo, base_run: Path, storage: Path, space: Path) -> SweepJob:
     return SweepJob(recipe="tiny", overrides=BASE_OVERRIDES, space_path=str(space), data_uri=str(prepared_demo),
-                    # No rung before the end: ASHA stops no clean trial, so two reach the confirmation.
+                    # No rung before the end: nothing stops a clean trial early, so two reach the confirmation.
                     storage_uri=str(storage), name="cont", trials=3, max_steps=MAX_STEPS, grace_steps=MAX_STEPS,
                     from_run=str(base_run), confirm_top=2, confirm_steps=CONFIRM_STEPS, confirm_drill="spike@2",
                     first_points=({"optim.lr_gen": RECIPE_LR}, {"optim.lr_gen": SAFE_LR},
@@ -79,6 +79,13 @@ def continuation_sweep(prepared_demo, base_run, ray_local, tmp_path_factory):
     job = sweep_job(prepared_demo, base_run, tmp / "sweeps", space)
     outcome = run_sweep(job)
     return job, outcome, tmp / "sweeps" / "cont"
+
+
+def start_label(folder: Path) -> str:
+    """Where the trials started, as the sweep resolved it (RUN@STEP)."""
+    label = json.loads((folder / SWEEP_FILE).read_text())["start_label"]
+    assert label.endswith(f"base@{BASE_STEPS}")
+    return label
 
 
 def trial_of(rows, lr: float) -> dict:
@@ -160,16 +167,16 @@ def test_a_confirmation_that_spikes_loses_to_a_cleaner_trial(continuation_sweep)
     assert outcome.best["trial_id"] == other["trial_id"]
     text = (folder / BEST_FILE).read_text()
     assert other["trial_id"] in text and "did not stay clean" in text
-    assert f"--from-run {job.start_label}" in text
+    assert f"--from-run {start_label(folder)}" in text
     assert {c["trial_id"] for c in confirmations} <= {r["trial_id"] for r in rows if r["status"] == "completed"}
 
 
 def test_the_sweep_report_shows_the_start_the_noise_and_the_confirmation(continuation_sweep, tmp_path):
     from vits_ray.report import write_sweep_report
 
-    job, outcome, folder = continuation_sweep
+    _, outcome, folder = continuation_sweep
     md = write_sweep_report(str(folder), tmp_path / "report").read_text()
-    assert f"`{job.start_label}`" in md
+    assert f"`{start_label(folder)}`" in md
     confirmation = md.split("## Long-horizon confirmation\n", 1)[1].split("\n## ", 1)[0]
     assert "| spike@2 |" in confirmation and f"Winner: trial {outcome.best['trial_id']}" in confirmation
     assert "## Score noise" in md and ("within the noise" in md or "beyond the noise" in md)

@@ -42,3 +42,19 @@ def test_the_margin_is_probed_at_each_asha_rung_and_at_the_end():
     assert SweepJob(**{**job.__dict__, "grace_steps": 0}).rungs() == [3, 6, 12]  # a quarter of max_steps
     assert SweepJob(**{**job.__dict__, "grace_steps": 12}).rungs() == [12]
     assert job.horizon_steps == 120 and SweepJob(**{**job.__dict__, "confirm_steps": 50}).horizon_steps == 50
+
+
+def test_asha_stops_trials_only_at_the_rungs_before_the_last_step():
+    """A rung at max_steps would let ASHA stop a trial at its last report, losing its last
+    checkpoint, score noise and export (and its confirmation would start over)."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    from vits_ray.tune.sweep import SweepJob, early_stopping
+
+    job = SweepJob(recipe="tiny", overrides=(), space_path="", data_uri="", storage_uri="", name="s", max_steps=48,
+                   grace_steps=6)
+    asha = early_stopping(job)
+    assert isinstance(asha, AsyncHyperBandScheduler)
+    assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [6, 12, 24] == job.rungs()[:-1]
+    assert not asha._stop_last_trials
+    assert isinstance(early_stopping(SweepJob(**{**job.__dict__, "grace_steps": 48})), FIFOScheduler)

@@ -860,7 +860,8 @@ class Trainer:
                 self.measure_quality()
             if step in self.margin_probes and self.cfg.tune.margin_steps:
                 self.probe_margin()
-                self.session.report(self.health_metrics())  # the scheduler hears the margin at this rung
+                if not self.finished():  # at the last step, the last save's report carries it
+                    self.session.report(self.health_metrics())  # the scheduler hears the margin at this rung
             if self.finished() and self.job.measure_score_noise:
                 self.measure_score_noise()  # before the last save, whose report carries it
                 if self.diverged:

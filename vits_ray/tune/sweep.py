@@ -243,7 +243,6 @@ def run_sweep(sweep: SweepJob, callbacks: tuple = ()) -> SweepOutcome:
     `callbacks`: more `ray.tune.Callback`s for a new sweep (a restored one keeps its saved ones).
     """
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from vits_ray.storage import open_store
@@ -266,18 +265,13 @@ def run_sweep(sweep: SweepJob, callbacks: tuple = ()) -> SweepOutcome:
         tuner = ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
                                        storage_filesystem=filesystem)
     else:
-        rungs = sweep.rungs()
         searcher = OptunaSearch(space=space.suggest, metric="score", mode="min", seed=base.train.seed,
                                 points_to_evaluate=[dict(p) for p in sweep.first_points] or None)
         tuner = ray.tune.Tuner(
             trainable,
             tune_config=ray.tune.TuneConfig(
                 metric="score", mode="min", num_samples=sweep.trials, max_concurrent_trials=sweep.concurrent,
-                search_alg=searcher,
-                # max_t one past the last step: ASHA stops any trial that reaches max_t, and a
-                # trial stopped at its last report would lose its closing export.
-                scheduler=ASHAScheduler(time_attr="trial_step", max_t=sweep.max_steps + 1, grace_period=rungs[0],
-                                        reduction_factor=2)),
+                search_alg=searcher, scheduler=early_stopping(sweep)),
             run_config=ray.tune.RunConfig(name=sweep.name, storage_path=root, storage_filesystem=filesystem,
                                           verbose=0,
                                           callbacks=[_progress_class()(sweep.max_steps, space.keys,
@@ -313,6 +307,23 @@ def run_sweep(sweep: SweepJob, callbacks: tuple = ()) -> SweepOutcome:
     elif sweep_store.exists(BEST_FILE):
         sweep_store.delete(BEST_FILE)  # from an earlier launch that judged differently
     return outcome
+
+
+def early_stopping(sweep: SweepJob):
+    """ASHA with its rungs at the sweep's rungs before the last step, or none (FIFO) when there are
+    none. Never a rung at, nor a stop on reaching, max_steps: a trial stopped at its last report
+    loses what follows it (the closing export), and one stopped at a report the margin probe makes
+    before the last save loses its last checkpoint and score noise too, so a confirmation would
+    start it over."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    early = sweep.rungs()[:-1]
+    if not early:
+        return FIFOScheduler()
+    # ASHA's rungs are grace * 2**k up to max_t (computed with logarithms): a max_t halfway to the
+    # next doubling gives exactly these, whatever the rounding.
+    return ASHAScheduler(time_attr="trial_step", grace_period=early[0], max_t=early[-1] * 1.5,
+                         reduction_factor=2, stop_last_trials=False)
 
 
 def _with_start(sweep: SweepJob, sweep_store) -> SweepJob:
