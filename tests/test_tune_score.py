@@ -58,3 +58,20 @@ def test_asha_stops_trials_only_at_the_rungs_before_the_last_step():
     assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [6, 12, 24] == job.rungs()[:-1]
     assert not asha._stop_last_trials
     assert isinstance(early_stopping(SweepJob(**{**job.__dict__, "grace_steps": 48})), FIFOScheduler)
+
+
+def test_a_confirmation_that_raised_is_told_by_the_workers_exception():
+    from vits_ray.tune.confirm import worker_error_line
+
+    # How Ray Train 2.60 words a worker's failure (as a confirmation at lr 0.0115 met it in bench_search).
+    message = (
+        "Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+        '  File "/work/main/vits_ray/train.py", line 200, in train_worker\n    trainer.run()\n'
+        "... (Output truncated. See individual worker logs for full details) ...\n"
+        '  File ".../TTS/tts/layers/vits/transforms.py", line 111, in rational_quadratic_spline\n'
+        "    if torch.min(inputs) < left or torch.max(inputs) > right:\n"
+        "RuntimeError: min(): Expected reduction dim to be specified for input.numel() == 0.\n")
+    assert worker_error_line(RuntimeError(message)) == (
+        "RuntimeError: min(): Expected reduction dim to be specified for input.numel() == 0.")
+    assert worker_error_line(ValueError("no traceback here")) == "no traceback here"
+    assert worker_error_line(KeyError()) == "KeyError"

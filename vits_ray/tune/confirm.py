@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from vits_ray.checkpoint import HEALTH_COUNTS
@@ -44,6 +45,14 @@ def candidates(rows: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
     """The best `top` trials by search score that completed clean with their margin."""
     eligible = [r for r in rows if r["status"] == "completed" and r["clean"] and int(r["margin_ok"])]
     return sorted(eligible, key=lambda r: r["score"])[:top]
+
+
+def worker_error_line(error: Exception) -> str:
+    """The line that says what a failed run raised: Ray wraps a worker's traceback in its own
+    message, whose last `SomethingError: ...` line is the worker's exception."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", line)]
+    return (raised[-1] if raised else lines[0] if lines else type(error).__name__)[:300]
 
 
 def confirm_best(sweep, rows: list[dict[str, Any]], space: SearchSpace, sweep_store) -> list[dict[str, Any]]:
@@ -84,6 +93,9 @@ def confirm_trial(sweep, row: dict[str, Any], space: SearchSpace, drill: str = "
         metrics = dict(result.metrics or {})
     except RunAbortedError as err:
         error = str(err).splitlines()[0][:300]
+    except Exception as err:  # noqa: BLE001 - the run raised on the way (e.g. a blow-up the guard could
+        # not tell from a bug): this trial is not confirmed; the other candidates still are
+        error = worker_error_line(err)
     penalty = sweep.base_config().tune.margin_penalty
     entry: dict[str, Any] = {"trial_id": row["trial_id"], "search_score": row["score"], "search_loss": row["loss"],
                              "margin_ok": int(row["margin_ok"]), "margin_loss_rise": row["margin_loss_rise"],
