@@ -104,8 +104,13 @@ def test_ranks_start_from_identical_weights_with_their_own_randomness(prepared_d
 
 # --- GradientSync on its own: small modules, two real gloo ranks ------------------------------
 
-def _sync_grads(rank: int, world: int, root: Path, compress: bool) -> None:
+def _sync_grads(rank: int, world: int, root: Path, compress: bool, precision: str = "fp32") -> None:
+    from contextlib import nullcontext
+
     from vits_ray.distributed import Collectives, GradientSync
+
+    def autocast():  # bf16 autocast: the gradients reach the sync from bf16 arithmetic
+        return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     torch.manual_seed(0)
     layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(4))  # same weights on both ranks
@@ -116,7 +121,9 @@ def _sync_grads(rank: int, world: int, root: Path, compress: bool) -> None:
     x = torch.randn(8, 16)
     used = [0, 1, 2, 3] if rank == 0 else [3, 1, 0]  # another order, one layer missing
     with sync.overlapping():
-        sum(layers[i](x).pow(2).sum() for i in used).backward()
+        with autocast():
+            loss = sum(layers[i](x).float().pow(2).sum() for i in used)
+        loss.backward()
     sync.finish()
     local = {}
     torch.manual_seed(100 + rank)
@@ -124,15 +131,17 @@ def _sync_grads(rank: int, world: int, root: Path, compress: bool) -> None:
     for i in used:  # this rank's own gradients, recomputed without any sync
         layer = torch.nn.Linear(16, 16)
         layer.load_state_dict(layers[i].state_dict())
-        layer(x).pow(2).sum().backward()
+        with autocast():
+            own = layer(x).float().pow(2).sum()
+        own.backward()
         local[i] = layer.weight.grad.tolist()
     out = {"synced": {i: layers[i].weight.grad.tolist() for i in range(4)}, "local": local}
     (root / f"grads-{rank}.json").write_text(json.dumps(out))
 
 
-@pytest.mark.parametrize("compress", [False, True])
-def test_gradient_sync_averages_every_parameter_in_any_hook_order(tmp_path, compress):
-    assert run_ranks(2, _sync_grads, tmp_path, compress) == []
+@pytest.mark.parametrize("compress,precision", [(False, "fp32"), (True, "fp32"), (True, "bf16")])
+def test_gradient_sync_averages_every_parameter_in_any_hook_order(tmp_path, compress, precision):
+    assert run_ranks(2, _sync_grads, tmp_path, compress, precision) == []
     ranks = [json.loads((tmp_path / f"grads-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["synced"] == ranks[1]["synced"]  # identical on both ranks, bit for bit
     tolerance = 2e-2 if compress else 1e-6

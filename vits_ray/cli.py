@@ -142,10 +142,12 @@ def build_job(config_path, overrides, data, storage, name, workers, gpu, max_ste
               help="Start from another run's checkpoint (its newest, or the one at STEP): weights, optimizer "
                    "moments, step, data position and guard history, with this run's settings; the schedule "
                    "starts there (e.g. a sweep's best.toml).")
-@click.option("--drill", "drills", multiple=True, metavar="nan@STEP|spike@STEP|blowup@STEP|diverge@STEP",
+@click.option("--drill", "drills", multiple=True,
+              metavar="nan@STEP|spike@STEP|blowup@STEP|diverge@STEP|overflow@STEP",
               help="Rehearse the stability guard: poison a batch, spike the learning rate, blow up "
-                   "the weights so that the next forward pass raises, or keep the learning rate far "
-                   "too high from STEP on (the rollback budget ends the run).")
+                   "the weights so that the next forward pass raises, keep the learning rate far "
+                   "too high from STEP on (the rollback budget ends the run), or (fp16) make rank 0's "
+                   "gradients overflow at STEP (repeat it to collapse the GradScaler's scale).")
 @click.option("--cpus-per-worker", default=1, show_default=True, help="CPU cores (and torch threads) per worker.")
 @click.option("--local", is_flag=True,
               help="One worker in this process, without Ray (a laptop or one GPU; starts ~10 s sooner).")

@@ -165,8 +165,12 @@ class TrainConfig:
     log_step: int = 1
     val_step: int = 500
     val_batches: int = 8
-    # "auto": fp16 with a GradScaler on GPU, fp32 on CPU.
+    # "auto": fp16 with a GradScaler on GPU, fp32 on CPU. fp16 and bf16 run on the CPU too (slower
+    # than fp32 there: a rehearsal of a GPU recipe, and the precision logic exercised without a GPU).
     mixed_precision: Literal["auto", "fp16", "bf16", "no"] = "auto"
+    # The loss scale a fresh GradScaler starts from (PyTorch's and Coqui's default, 2**16). It halves
+    # at each overflowing step until the gradients fit (calibration, see stability.AmpScaleMonitor).
+    amp_init_scale: float = 65536.0
     keep_step: bool = False
     # Gradients are averaged across ranks in buckets of about this size, launched during backward.
     grad_bucket_mb: float = 25.0
@@ -178,6 +182,7 @@ class TrainConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.grad_bucket_mb > 0, f"{prefix}.grad_bucket_mb", "must be positive")
+        _check(self.amp_init_scale > 0, f"{prefix}.amp_init_scale", "must be positive")
         _check(self.max_failures >= -1, f"{prefix}.max_failures", "must be >= 0, or -1 for no limit")
         for name in ("batch_size", "epochs", "save_step", "keep_last", "log_step", "val_step", "val_batches"):
             _check(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
@@ -547,6 +552,7 @@ RESUMABLE_KEYS = frozenset({
     "storage.endpoint_url", "storage.region", "storage.retry_seconds", "storage.retry_initial_seconds",
     "storage.retry_max_backoff_seconds", "train.max_failures",
     "data.cache_max_gb", "eval.every_steps", "eval.utterances",
+    "train.amp_init_scale",  # only seeds a fresh GradScaler; a resumed one has its checkpointed scale
     *(f"tune.{f.name}" for f in dataclasses.fields(TuneConfig)),
 })
 

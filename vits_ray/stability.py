@@ -57,7 +57,7 @@ PROBATION_FRACTION = 0.5
 # a shorter window fills sooner, and two epochs in a row above the band are strong evidence.
 PER_EPOCH_OVERRIDES: dict[str, Any] = {"window": 30, "min_history": 10, "confirm_steps": 2}
 
-EventKind = Literal["nonfinite", "spike", "amp_collapse", "blowup", "rollback", "lr_backoff",
+EventKind = Literal["nonfinite", "spike", "amp_collapse", "amp_calibrated", "blowup", "rollback", "lr_backoff",
                     "cadence_unstable", "cadence_calm", "checkpoint_verdict"]
 
 
@@ -247,7 +247,15 @@ class SeriesMonitor:
 
 class AmpScaleMonitor:
     """Flags the GradScaler's scale collapsing: below `min_scale`, or `max_halvings` decreases
-    without any growth in between, all within `window_steps` steps."""
+    without any growth in between, all within `window_steps` steps.
+
+    A fresh GradScaler starts far above what the model's gradients allow (65536 by default; the
+    tiny recipe takes 32 on CPU) and halves at every overflowing step until the scaled gradients
+    fit in fp16. That calibration is expected, not a collapse: from `start_calibration` until the
+    first step that neither optimizer skipped, overflows are counted (`calibration_skips`) and
+    decreases are not; only the floor `min_scale` still applies, so a scaler that never finds a
+    level is caught all the same.
+    """
 
     def __init__(self, *, min_scale: float, max_halvings: int, window_steps: int) -> None:
         self.min_scale = min_scale
@@ -255,16 +263,31 @@ class AmpScaleMonitor:
         self.window_steps = window_steps
         self._last: Optional[float] = None
         self._halvings: list[int] = []  # steps of the decreases since the last growth
+        self.calibrating = False
+        self.calibration_skips = 0
+        self._calibration_from: Optional[float] = None
 
     @classmethod
     def from_config(cls, cfg: StabilityConfig) -> "AmpScaleMonitor":
         return cls(min_scale=cfg.min_amp_scale, max_halvings=cfg.amp_max_halvings,
                    window_steps=cfg.amp_halving_window_steps)
 
+    def start_calibration(self) -> None:
+        """A fresh GradScaler: its first overflows are calibration (see the class docstring)."""
+        self.calibrating = True
+        self.calibration_skips = 0
+        self._calibration_from = None
+
     def update(self, step: int, scale: float) -> Optional[dict[str, Any]]:
         """None while healthy; otherwise the detail of the collapse."""
         if not math.isfinite(scale) or scale < self.min_scale:
-            return {"reason": "below_min", "scale": _json_float(scale), "min_amp_scale": self.min_scale}
+            return {"reason": "below_min", "scale": _json_float(scale), "min_amp_scale": self.min_scale,
+                    "calibrating": self.calibrating}
+        if self.calibrating:
+            if self._calibration_from is None:
+                self._calibration_from = scale
+            self._last = scale
+            return None
         if self._last is not None:
             if scale < self._last:
                 self._halvings.append(step)
@@ -278,16 +301,27 @@ class AmpScaleMonitor:
                     "halving_steps": list(self._halvings), "window_steps": self.window_steps}
         return None
 
+    def end_calibration(self, step: int, scale: float) -> dict[str, Any]:
+        """The first step without an overflow: calibration is over. Its detail, for the event."""
+        self.calibrating = False
+        return {"skipped_steps": self.calibration_skips, "initial_scale": _json_float(self._calibration_from or scale),
+                "scale": scale}
+
     def reset(self) -> None:
         self._last = None
         self._halvings.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last": self._last, "halvings": list(self._halvings)}
+        return {"last": self._last, "halvings": list(self._halvings), "calibrating": self.calibrating,
+                "calibration_skips": self.calibration_skips, "calibration_from": self._calibration_from}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._last = None if state["last"] is None else float(state["last"])
         self._halvings = [int(s) for s in state["halvings"]]
+        self.calibrating = bool(state.get("calibrating", False))
+        self.calibration_skips = int(state.get("calibration_skips", 0))
+        start = state.get("calibration_from")
+        self._calibration_from = None if start is None else float(start)
 
 
 class CheckpointCadence:
@@ -364,7 +398,9 @@ class StabilityGuard:
     - Non-finite step (any of FINITE_SERIES NaN/inf, or a skipped_* flag set): a `nonfinite`
       event; the step feeds no detector. `max_consecutive_nonfinite` in a row -> rollback.
     - Confirmed spike in loss_1, loss_mel or loss_kl: a `spike` event per series -> rollback.
-    - AMP scale collapse: an `amp_collapse` event -> rollback.
+    - AMP scale collapse: an `amp_collapse` event -> rollback. A fresh GradScaler's calibration
+      (its first overflows, finite losses) is neither a collapse nor non-finite steps: it ends
+      with one `amp_calibrated` event that counts the skipped steps (see `AmpScaleMonitor`).
     - A step whose forward or backward raised with evidence of a blow-up behind it (`failed`
       ranks, see `blowup`): a `blowup` event -> rollback, like a confirmed spike.
     - A rollback decision carries a `rollback` event naming its reasons and `first_anomalous`,
@@ -407,6 +443,11 @@ class StabilityGuard:
         bad += [n for n in SKIP_FLAGS if metrics.get(n)]
         nonfinite = None
         losses_finite = not any(n.startswith("loss_") for n in bad) and not metrics.get("failed")
+        overflowed = bool(bad)
+        if bad and losses_finite and self.amp.calibrating and metrics.get("amp_scale") is not None:
+            # A fresh GradScaler overflowing while it looks for its level: counted, not trouble.
+            self.amp.calibration_skips += 1
+            bad = []
         if bad:
             self._nonfinite_run += 1
             nonfinite = Event(step, "nonfinite", series=bad[0], value=_metric(metrics, bad[0]), detail={
@@ -441,6 +482,9 @@ class StabilityGuard:
                                     value=float(metrics["amp_scale"]), detail=collapse))
                 reasons.append("amp_collapse")
                 starts.append(min(collapse.get("halving_steps") or [step]))
+            elif self.amp.calibrating and not overflowed:
+                events.append(Event(step, "amp_calibrated", series="amp_scale", value=float(metrics["amp_scale"]),
+                                    detail=self.amp.end_calibration(step, float(metrics["amp_scale"]))))
         if nonfinite is None and not reasons and self._judged_within_band():
             self._clean_through = step
         first_anomalous = self.first_anomalous(min(starts)) if reasons else None

@@ -37,11 +37,14 @@ class Precision:
         if mode == "no":
             return Precision(device_type, None, False)
         if mode == "bf16":
-            return Precision(device_type, torch.bfloat16, False)
-        if device_type != "cuda":
-            # A ConfigError: no restart of the worker group can give it a GPU.
-            raise ConfigError("train.mixed_precision: fp16 needs a GPU; use 'bf16' or 'no' on CPU")
-        return Precision(device_type, torch.float16, True)
+            return Precision(device_type, torch.bfloat16, False)  # fp32's range: nothing to scale
+        if mode == "fp16":
+            return Precision(device_type, torch.float16, True)
+        raise ConfigError(f"train.mixed_precision: unknown mode {mode!r}; expected auto, fp16, bf16 or no")
+
+    def grad_scaler(self, init_scale: float) -> torch.amp.GradScaler | None:
+        """A fresh GradScaler for this device type (fp16), or None."""
+        return torch.amp.GradScaler(self.device_type, init_scale=init_scale) if self.use_scaler else None
 
     def autocast(self):
         if self.dtype is None:

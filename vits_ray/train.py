@@ -26,7 +26,7 @@ class TrainSetupError(NonRetryable, ValueError):
     """Something is wrong before any worker starts: config, data, storage or warm-start input."""
 
 
-DRILL_KINDS = ("nan", "spike", "blowup", "diverge")
+DRILL_KINDS = ("nan", "spike", "blowup", "diverge", "overflow")
 PREFLIGHT_RETRY_SECONDS = 10.0
 
 
@@ -36,7 +36,8 @@ class Drill:
     spike (`spike@STEP`), weights blown up by step STEP's update so that the next forward pass
     (validation, or the next step) raises (`blowup@STEP`), or a learning rate that stays far too
     high from STEP on, backoff or not (`diverge@STEP`: every timeline diverges, the budget must
-    end the run)."""
+    end the run), or, in fp16, gradients that overflow on rank 0 at step STEP (`overflow@STEP`: the
+    GradScaler's job; give several to drive a scale collapse)."""
 
     kind: str
     step: int
@@ -45,8 +46,8 @@ class Drill:
     def parse(text: str) -> "Drill":
         kind, _, at = text.partition("@")
         if kind not in DRILL_KINDS or not at.isdigit() or int(at) < 1:
-            raise TrainSetupError(f"--drill {text!r}: expected nan@STEP, spike@STEP, blowup@STEP or diverge@STEP "
-                                  "with STEP >= 1")
+            raise TrainSetupError(f"--drill {text!r}: expected nan@STEP, spike@STEP, blowup@STEP, diverge@STEP "
+                                  "or overflow@STEP with STEP >= 1")
         return Drill(kind, int(at))
 
 
@@ -246,6 +247,10 @@ def preflight(job: TrainJob) -> dict[str, Any]:
         raise TrainSetupError(f"bad configuration: {err}") from err
     if job.workers < 1:
         raise TrainSetupError(f"--workers must be >= 1, got {job.workers}")
+    overflows = [d for d in job.drills if d.kind == "overflow"]
+    if overflows and cfg.train.mixed_precision != "fp16" and not (cfg.train.mixed_precision == "auto" and job.use_gpu):
+        raise TrainSetupError(f"--drill overflow@{overflows[0].step} rehearses the fp16 GradScaler: set "
+                              f"train.mixed_precision=fp16 (it is {cfg.train.mixed_precision!r})")
     if not job.name or "/" in job.name:
         raise TrainSetupError(f"--name {job.name!r}: must be a non-empty name without '/'")
     # A job submitted against a dead endpoint should say so in seconds, not after the training

@@ -32,7 +32,7 @@ import torch
 
 from vits_ray import checkpoint as ckpt_io
 from vits_ray.blowup import judge_blowup, module_norms
-from vits_ray.config import Config, load_config, resume_conflicts
+from vits_ray.config import Config, ConfigError, load_config, resume_conflicts
 from vits_ray.distributed import Collectives, GradientSync, check_checksums, state_checksum
 from vits_ray.errors import NonRetryable
 from vits_ray.rollbacks import START, CheckpointInfo, merge_health
@@ -50,6 +50,9 @@ SPIKE_DRILL_FACTOR = 300.0
 SPIKE_DRILL_STEPS = 3
 # `loss_mel_recent` in reports: the median of this many last finite steps.
 RECENT_STEPS = 20
+# The overflow drill multiplies the gradient flowing back from the decoder's waveform by this on
+# rank 0: far past fp16's range (65504) at any loss scale, as a real overflow, and only there.
+OVERFLOW_DRILL_GAIN = 2.0 ** 40
 # The blow-up drill multiplies a duration predictor weight by this: finite, but its activations
 # overflow and Coqui's spline raises instead of returning a loss.
 BLOWUP_DRILL_FACTOR = 1e30
@@ -159,13 +162,17 @@ class Trainer:
         self.precision = Precision.resolve(cfg.train.mixed_precision, device.type)
         self.data_store = open_store(job.data_uri, cfg.storage)
         self.manifest = read_manifest(self.data_store)
+        if self.manifest.get("sample_rate") != cfg.audio.sample_rate:
+            # preflight checks the run's recipe; a sweep trial's own settings are checked only here
+            raise ConfigError(f"{job.data_uri}: prepared at {self.manifest.get('sample_rate')} Hz but "
+                              f"audio.sample_rate is {cfg.audio.sample_rate}")
         self.vocab = Vocabulary.from_dict(self.manifest["vocab"])
         # Coqui prints its audio settings at every build: twenty lines per trial of a sweep.
         with contextlib.redirect_stdout(io.StringIO()) if job.quiet else contextlib.nullcontext():
             self.model = build_model(cfg, self.vocab).to(device)  # same seed on every rank: same weights
         self.optimizers = build_optimizers(self.model, cfg)
         self.criteria = self.model.get_criterion()
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_scaler else None
+        self.scaler = self.precision.grad_scaler(cfg.train.amp_init_scale)
         self.comm = Collectives(device)
         self.grad_syncs = tuple(
             GradientSync([p for g in opt.param_groups for p in g["params"]], self.comm,
@@ -321,6 +328,8 @@ class Trainer:
             if self.cfg.train.keep_step:  # continue the global step and the per-epoch decay
                 self.progress.step, self.progress.epoch = self.warm_report.global_step, self.warm_report.epoch
                 self.progress.first_epoch = self.progress.epoch
+        if self.scaler is not None:
+            self.guard.amp.start_calibration()
         # The weights are identical on every rank; from here on each rank draws its own dropout
         # masks and training segments.
         ckpt_io.seed_everything(self.cfg.train.seed + self.rank)
@@ -333,7 +342,10 @@ class Trainer:
 
         point = ContinuationPoint(**self.job.from_run)
         with downloaded(point, self.cfg.storage) as directory:
-            self.restore(ckpt_io.read(directory))
+            state = ckpt_io.read(directory)
+        self.restore(state)
+        if self.scaler is not None and not state.get("scaler"):
+            self.guard.amp.start_calibration()  # fp16 continuing a run without a GradScaler
         fresh = ckpt_io.Progress()
         self.progress = dataclasses.replace(
             self.progress, first_epoch=self.progress.epoch, best_val_loss_mel=fresh.best_val_loss_mel,
@@ -513,9 +525,14 @@ class Trainer:
             self.spike_drill_until = step + SPIKE_DRILL_STEPS
         lr_0, lr_1 = self._set_learning_rates(step)
         inputs = self._on_device(batch)
-        result = gan_step(self.model, self.criteria, self.optimizers, self.scaler, inputs,
-                          self.precision, (self.cfg.optim.grad_clip_disc, self.cfg.optim.grad_clip_gen),
-                          self.grad_syncs)
+        overflow = self._overflow_gradients() if drill == "overflow" and self.rank == 0 else None
+        try:
+            result = gan_step(self.model, self.criteria, self.optimizers, self.scaler, inputs,
+                              self.precision, (self.cfg.optim.grad_clip_disc, self.cfg.optim.grad_clip_gen),
+                              self.grad_syncs)
+        finally:
+            if overflow is not None:
+                overflow.remove()
         if result.error is not None:  # skipped on every rank; a bug raises here, a blow-up goes on
             self._judge_failure(result.error, step, "training step", lambda: self._generator_forward(inputs))
         if drill == "blowup":
@@ -551,6 +568,15 @@ class Trainer:
     def _generator_forward(self, inputs: dict) -> None:
         with self.precision.autocast():  # the same arithmetic as the step that raised
             self.model.train_step(inputs, self.criteria[0], 0)
+
+    def _overflow_gradients(self):
+        """The overflow drill: this step's generator gradients overflow fp16 on this rank (the
+        losses stay finite), as gradients beyond the loss scale's headroom do. The handle removes it."""
+        def amplify(_module, _inputs, waveform):
+            if waveform.requires_grad:
+                waveform.register_hook(lambda grad: grad * OVERFLOW_DRILL_GAIN)
+
+        return self.model.waveform_decoder.register_forward_hook(amplify)
 
     def _blow_up_parameters(self) -> None:
         """The blow-up drill: the update just taken exploded (as an LR spike's can), so that
