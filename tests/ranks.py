@@ -64,10 +64,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, errors) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, errors, backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
     except BaseException:
@@ -77,12 +77,13 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, errors) 
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn: Callable, *args) -> list[tuple[int, str]]:
-    """Run `fn(rank, world, *args)` in `world` processes; returns the (rank, traceback) of failures."""
+def run_ranks(world: int, fn: Callable, *args, backend: str = "gloo") -> list[tuple[int, str]]:
+    """Run `fn(rank, world, *args)` in `world` processes joined by `backend`; returns the (rank,
+    traceback) of failures."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errors)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errors, backend)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

@@ -86,6 +86,37 @@ def test_nccl_collectives_on_one_gpu(tmp_path):
         dist.destroy_process_group()
 
 
+def _two_ranks_one_gpu(rank: int, world: int) -> None:
+    from vits_ray.distributed import Collectives, GradientSync
+
+    device = torch.device("cuda", 0)
+    comm = Collectives(device)
+    total = comm.all_reduce_sum(torch.full((3,), float(rank + 1), device=device))
+    assert total.tolist() == [3.0, 3.0, 3.0], total
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8).to(device)
+    sync = GradientSync(list(layer.parameters()), comm, bucket_bytes=64)
+    with sync.overlapping():
+        (layer(torch.ones(2, 8, device=device)) * (rank + 1)).sum().backward()
+    sync.finish()
+    expected = torch.nn.Linear(8, 8).to(device)
+    expected.load_state_dict(layer.state_dict())
+    (expected(torch.ones(2, 8, device=device)) * 1.5).sum().backward()  # the mean of x1 and x2
+    assert torch.allclose(layer.weight.grad, expected.weight.grad), rank
+
+
+def test_nccl_group_of_two_processes_on_one_gpu():
+    """Two ranks of a cpu:gloo,cuda:nccl group sharing one GPU, as the loop runs them. NCCL may
+    refuse two ranks on one device ("Duplicate GPU detected"): then the one-rank test above is what
+    this machine can check."""
+    from ranks import run_ranks
+
+    failures = run_ranks(2, _two_ranks_one_gpu, backend="cpu:gloo,cuda:nccl")
+    if failures and any("Duplicate GPU" in trace for _, trace in failures):
+        pytest.skip("NCCL refuses two ranks on one GPU here: " + failures[0][1].strip().splitlines()[-1])
+    assert failures == []
+
+
 def test_reference_model_step_on_one_gpu(prepared_demo):
     """The 83M reference recipe: one fp16 step fits and runs; prints s/step against a bare loop."""
     from vits_ray.config import load_config
