@@ -23,7 +23,7 @@ demo: setup
 	$(PY) -m vits_ray demo --out $(DEMO_DIR)
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
@@ -34,6 +34,9 @@ bench: setup
 	$(PY) bench/bench_train.py
 	$(PY) bench/faults.py
 	$(PY) bench/bench_inference.py
+	$(PY) bench/bench_tune.py
+	$(PY) bench/bench_search.py --markdown
+	$(PY) bench/bench_precision.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

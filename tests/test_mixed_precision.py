@@ -180,6 +180,13 @@ def test_one_rank_resumes_exactly_in_the_middle_of_calibration(prepared_demo, tm
                                              if e["kind"] == "amp_calibrated"]
     assert set(_seen(split, 0)["dtypes"]) == {"torch.float16"}
 
+    from vits_ray.report import write_report
+
+    report = write_report(str(split / "run"), tmp_path / "report").read_text()
+    (step, detail), = calibrations
+    assert (f"Calibration of a fresh GradScaler: {detail['skipped_steps']} skipped step(s), scale 256 -> "
+            f"{detail['scale']:g} by step {step}.") in report, report
+
 
 # --- a collapsing scale ---------------------------------------------------------------------
 

@@ -396,6 +396,9 @@ class AmpScale:
     increases: int
     skipped_0: int
     skipped_1: int
+    # A fresh GradScaler's calibration, from each `amp_calibrated` event: its first overflows
+    # (skipped steps, counted) until the scale fitted the gradients.
+    calibrations: list[dict[str, Any]] = field(default_factory=list)
 
 
 def amp_scale(run: RunData) -> Optional[AmpScale]:
@@ -406,7 +409,9 @@ def amp_scale(run: RunData) -> Optional[AmpScale]:
     return AmpScale(first=vals[0], last=vals[-1], min=min(vals), max=max(vals),
                     decreases=sum(b < a for a, b in pairs), increases=sum(b > a for a, b in pairs),
                     skipped_0=sum(int(r.get("skipped_0", 0) or 0) for r in run.steps),
-                    skipped_1=sum(int(r.get("skipped_1", 0) or 0) for r in run.steps))
+                    skipped_1=sum(int(r.get("skipped_1", 0) or 0) for r in run.steps),
+                    calibrations=[{"step": e.get("step"), **(e.get("detail") or {})} for e in run.events or []
+                                  if e.get("kind") == "amp_calibrated"])
 
 
 def epoch_of_step(run: RunData, step: int) -> Optional[int]:

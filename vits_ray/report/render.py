@@ -214,7 +214,10 @@ def _timing(a: Analysis, figures: dict[str, Figure]) -> list[Block]:
             f"(each after a step with non-finite gradients) and increased {amp.increases} time(s). Skipped optimizer "
             f"steps: discriminator {amp.skipped_0}, generator {amp.skipped_1}."
             + (" A constant scale of 1.00 means no GradScaler was in use (fp32 or bf16)." if amp.min == amp.max == 1.0
-               else "")))
+               else "")
+            + "".join(f" Calibration of a fresh GradScaler: {c.get('skipped_steps')} skipped step(s), scale "
+                      f"{float(c.get('initial_scale', 'nan')):g} -> {float(c.get('scale', 'nan')):g} "
+                      f"by step {c.get('step')}." for c in amp.calibrations)))
     for name in ("timing.png", "amp_scale.png"):
         if name in figures:
             blocks.append(Image(figures[name].path, figures[name].title))
