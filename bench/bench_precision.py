@@ -1,6 +1,6 @@
 """Mixed precision on the CPU: what fp16 costs there, and where the VITS step overflows in fp16.
 
-    .venv/bin/python bench/bench_precision.py [--steps 200] [--speed-steps 3]
+    .venv/bin/python bench/bench_precision.py [--steps 200] [--speed-steps 3] [--skip-speed]
 
 Writes a 40-utterance demo corpus and prepares it with the tiny recipe (8 rows per shard), then,
 all in this process with one torch thread, through `vits_ray.step.gan_step` (the loop's own step):
@@ -12,7 +12,7 @@ all in this process with one torch thread, through `vits_ray.step.gan_step` (the
 2. A long fp16 run (`--steps`, default 200) on the reduced recipe, from a fresh GradScaler at
    2**16, over the reader's epochs, with fp32 on the same batches and seeds beside it. Per step:
    the scale it used, which optimizer skipped, the losses (and whether any was non-finite), and
-   on a generator overflow the top-level modules whose gradients held inf/NaN. The dtype of every
+   on a generator overflow where its backward first overflowed (`OverflowTracer`). The dtype of every
    loss `train_step` returns under autocast is recorded (Coqui computes its losses in fp32).
    Printed: the scale over time, the skips per window of steps, where the overflows were, and
    the mel loss of fp16 against fp32.
@@ -112,10 +112,45 @@ def speed(data: str, overrides: list[str], steps: int) -> dict[str, float]:
     return out
 
 
-def overflowing_modules(model) -> list[str]:
-    """Top-level modules with a non-finite gradient (after the generator's step: its gradients)."""
-    return [name for name, module in model.named_children()
-            if any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in module.parameters())]
+class OverflowTracer:
+    """Where a backward pass first overflows: every leaf module's output gets a gradient hook that
+    notes, in the order backward reaches them, whether the gradient arriving there is finite.
+    Once one overflow happened, inf/NaN flows on into every module upstream, so only the first
+    non-finite arrival says where: the overflow arose in the backward of what consumed that output
+    (the module that ran next in the forward pass). Hooks check every gradient: slow, bench only."""
+
+    def __init__(self, model):
+        self.phase = 0  # which train_step call (0: D, 1: G) produced the tensors hooked now
+        self.forward_order: list[tuple[int, str]] = []
+        self.arrivals: list[tuple[int, str, bool]] = []
+        leaves = [(name, m) for name, m in model.named_modules() if name and not list(m.children())]
+        for name, module in leaves:
+            module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def forward(_module, _inputs, output):
+            phase = self.phase
+            self.forward_order.append((phase, name))
+            for tensor in output if isinstance(output, (tuple, list)) else (output,):
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    tensor.register_hook(lambda grad: self.arrivals.append(
+                        (phase, name, bool(torch.isfinite(grad).all()))))
+        return forward
+
+    def reset(self) -> None:
+        self.forward_order.clear()
+        self.arrivals.clear()
+
+    def generator_origin(self) -> str:
+        """The generator backward's first non-finite arrival, as 'output of X -> backward of Y'."""
+        # The discriminator's own step backpropagates only what its phase-0 forward made of them.
+        generator_backward = [(p, n, ok) for p, n, ok in self.arrivals if not (p == 0 and n.startswith("disc"))]
+        first = next(((p, n) for p, n, ok in generator_backward if not ok), None)
+        if first is None:
+            return ""
+        at = self.forward_order.index(first)
+        after = next((n for p, n in self.forward_order[at + 1:] if p == first[0]), "the loss")
+        return f"{after} (its input's gradient, from {first[1]})"
 
 
 def long_run(data: str, steps: int) -> dict:
@@ -131,12 +166,19 @@ def long_run(data: str, steps: int) -> dict:
         loss_dtypes.update(f"{k}:{v.dtype}" for k, v in out[1].items() if isinstance(v, torch.Tensor))
         return out
 
-    fp16.model.train_step = recording
+    tracer = OverflowTracer(fp16.model)
+
+    def traced(batch, criterion, index):
+        tracer.phase = index
+        return recording(batch, criterion, index)
+
+    fp16.model.train_step = traced
     rows = []
     for i, batch in enumerate(fp16.batches(steps), start=1):
         inputs = fp16.inputs(batch)
+        tracer.reset()
         half = step_once(fp16, inputs, "fp16", scaler, seed=i)
-        where = overflowing_modules(fp16.model) if half["skipped_1"] else []
+        where = [tracer.generator_origin()] if half["skipped_1"] else []
         full = step_once(fp32, fp32.inputs(batch), "no", None, seed=i)
         nonfinite_losses = [k for k in ("loss_0", "loss_1", "loss_mel", "loss_kl", "loss_duration", "loss_feat",
                                         "loss_gen") if not math.isfinite(half[k])]
@@ -150,9 +192,10 @@ def long_run(data: str, steps: int) -> dict:
 
 
 def report(speeds: dict[str, dict[str, float]], run: dict, steps: int) -> None:
-    print("\n## Speed: s/step on the CPU, one thread (median; ratio to fp32 of the same recipe)\n")
-    print("| recipe | fp32 | bf16 | fp16 |")
-    print("|---|---:|---:|---:|")
+    if speeds:
+        print("\n## Speed: s/step on the CPU, one thread (median; ratio to fp32 of the same recipe)\n")
+        print("| recipe | fp32 | bf16 | fp16 |")
+        print("|---|---:|---:|---:|")
     for recipe, s in speeds.items():
         print(f"| {recipe} | {s['no']:.2f} | {s['bf16']:.2f} ({s['bf16'] / s['no']:.1f}x) | "
               f"{s['fp16']:.2f} ({s['fp16'] / s['no']:.1f}x) |")
@@ -160,7 +203,7 @@ def report(speeds: dict[str, dict[str, float]], run: dict, steps: int) -> None:
     rows = run["rows"]
     print(f"\n## fp16 over {steps} steps (reduced tiny recipe, fresh GradScaler at 65536)\n")
     print(f"Loss dtypes under fp16 autocast: {', '.join(run['loss_dtypes'])}\n")
-    print("| steps | scale (first -> last) | D skipped | G skipped | non-finite losses | G overflow in | "
+    print("| steps | scale (first -> last) | D skipped | G skipped | non-finite losses | G overflow first in | "
           "mel fp16 | mel fp32 |")
     print("|---|---|---:|---:|---|---|---:|---:|")
     window = 25
@@ -183,20 +226,21 @@ def report(speeds: dict[str, dict[str, float]], run: dict, steps: int) -> None:
           f"scale min {min(r['scale'] for r in after):g}, max {max(r['scale'] for r in after):g}, "
           f"last {rows[-1]['scale']:g}.")
     where = collections.Counter(m for r in rows for m in r["where"])
-    print(f"Generator overflows by module (steps with a non-finite gradient there): "
-          f"{dict(where.most_common()) or 'none'}")
+    print(f"Where the generator's backward first overflowed (steps): {dict(where.most_common()) or 'none'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--speed-steps", type=int, default=3)
+    parser.add_argument("--skip-speed", action="store_true", help="only the long fp16 run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
         data = prepare(Path(tmp))
-        speeds = {"tiny (batch 4, periods 2 and 3)": speed(data, [], args.speed_steps),
-                  "reduced (batch 1, period 2, segment 4)": speed(data, REDUCED, args.speed_steps)}
+        speeds = {} if args.skip_speed else {
+            "tiny (batch 4, periods 2 and 3)": speed(data, [], args.speed_steps),
+            "reduced (batch 1, period 2, segment 4)": speed(data, REDUCED, args.speed_steps)}
         run = long_run(data, args.steps)
         report(speeds, run, args.steps)
 
