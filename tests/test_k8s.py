@@ -458,15 +458,42 @@ def env_entries(node):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_secrets_come_only_from_secret_refs(target):
-    entries = list(env_entries(rendered(target)))
-    names = {e["name"] for e in entries}
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"} <= names
-    for entry in entries:
+    for entry in env_entries(rendered(target)):
         if entry["name"] in SECRET_ENV:
             assert "value" not in entry, f"{entry['name']} has a literal value"
             assert "secretKeyRef" in entry.get("valueFrom", {}), f"{entry['name']} is not from a Secret"
-        if entry["name"] == "RAY_AUTH_MODE":
-            assert entry["value"] == "token"
+
+
+# The Secret KubeRay reads the token from (authOptions.secretName), and the one key it reads
+# (RAY_AUTH_TOKEN_SECRET_KEY in KubeRay 1.7's ray-operator/controllers/ray/utils/constant.go).
+AUTH_SECRET, AUTH_SECRET_KEY = "vits-ray-auth", "auth_token"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_token_auth_is_kuberays(target):
+    """Every cluster (the RayCluster and each RayJob's) has authOptions mode token with our Secret:
+    KubeRay then injects the token into every Ray pod and the submitter, and sends it with its own
+    dashboard calls. A token variable of ours would shadow the injected one, so there is none."""
+    docs = rendered(target)
+    specs = dict(cluster_specs(docs))
+    assert len(specs) == 3, sorted(specs)
+    for where, spec in specs.items():
+        assert spec.get("authOptions") == {"mode": "token", "secretName": AUTH_SECRET}, where
+    for entry in env_entries(docs):
+        assert not entry["name"].startswith("RAY_AUTH"), f"{entry['name']}: KubeRay injects it"
+        assert entry.get("valueFrom", {}).get("secretKeyRef", {}).get("name") != AUTH_SECRET, entry["name"]
+    for where, _, template in pod_templates(docs):
+        for container in template["spec"]["containers"]:
+            for source in container.get("envFrom", []):
+                assert source.get("secretRef", {}).get("name") != AUTH_SECRET, f"{where}/{container['name']}"
+
+
+def test_readme_creates_the_token_secret_with_kuberays_key():
+    readme = (REPO / "README.md").read_text()
+    created = re.findall(r"kubectl( -n \S+)? create secret generic " + AUTH_SECRET + r" ([^\n]+)", readme)
+    assert created, "README does not say how to create the token Secret"
+    for _, args in created:
+        assert f"--from-literal={AUTH_SECRET_KEY}=" in args or f"--from-file={AUTH_SECRET_KEY}=" in args, args
 
 
 def test_no_aws_key_is_committed():
