@@ -3,7 +3,8 @@
 No cluster and no network. A tiny kustomize renderer lives here because CI has no kustomize binary;
 where `kubectl` or `kustomize` is installed, its output is compared with ours. The renderer supports
 only: `resources` (files or directories with a kustomization.yaml), `patches` with a `target`
-(kind and name only) and an inline JSON6902 op list (add / remove / replace), and then, as kustomize
+(kind and name only) and an inline JSON6902 op list (add / remove / replace), `namespace` (set on
+every object; a Namespace object is renamed to it, as kustomize does), and then, as kustomize
 orders them, `replacements` that copy one field (a dotted path of map keys, scalar or not) of one
 object into fields of others. Anything else in a kustomization.yaml fails the test, so an
 unsupported feature can never be silently ignored.
@@ -35,7 +36,7 @@ K8S = REPO / "k8s"
 TARGETS = ["base", "overlays/dev-cpu", "overlays/gpu"]
 JOBS = {"vits-ray-train": "train", "vits-ray-sweep": "tune"}  # RayJob -> the CLI command it runs
 # (kind, name) -> its app.kubernetes.io/component label, by which README applies one object alone
-COMPONENTS = {("ConfigMap", "vits-ray-s3"): "config", ("RayCluster", "vits-ray"): "cluster",
+COMPONENTS = {("Namespace", "vits-ray"): "namespace", ("ConfigMap", "vits-ray-s3"): "config", ("RayCluster", "vits-ray"): "cluster",
               ("RayJob", "vits-ray-train"): "train", ("RayJob", "vits-ray-sweep"): "sweep"}
 SECRET_ENV = {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}  # the CRD has no enum
@@ -115,7 +116,7 @@ def _replace(docs: list[dict], replacement: dict) -> None:
 
 def render(directory: Path) -> list[dict]:
     kz = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kz) - {"apiVersion", "kind", "resources", "patches", "replacements"}
+    unsupported = set(kz) - {"apiVersion", "kind", "resources", "patches", "namespace", "replacements"}
     assert not unsupported, f"{directory}: the test renderer does not support {sorted(unsupported)}"
     docs: list[dict] = []
     for entry in kz.get("resources", []):
@@ -137,6 +138,12 @@ def render(directory: Path) -> list[dict]:
         for doc in hits:
             for op in ops:
                 _apply_op(doc, op)
+    if "namespace" in kz:  # every object we render is namespaced, except the Namespace itself
+        for doc in docs:
+            if doc["kind"] == "Namespace":
+                doc["metadata"]["name"] = kz["namespace"]
+            else:
+                doc["metadata"]["namespace"] = kz["namespace"]
     for replacement in kz.get("replacements", []):  # after the patches, as kustomize runs them
         _replace(docs, replacement)
     return docs
@@ -187,7 +194,7 @@ def gpus(container) -> tuple:
 @pytest.mark.parametrize("target", TARGETS)
 def test_renders(target):
     docs = rendered(target)
-    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "RayCluster", "RayJob", "RayJob"]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Namespace", "RayCluster", "RayJob", "RayJob"]
     assert {d["metadata"]["name"] for d in by_kind(docs, "RayJob")} == set(JOBS)
     assert not by_kind(docs, "Secret"), "Secrets are created by hand, never committed"
 
@@ -345,8 +352,9 @@ def builtin_errors(obj: dict) -> list[str]:
 def test_builtin_kinds_and_pod_templates_match_the_kubernetes_schemas(target):
     objects = dict(builtin_objects(rendered(target)))
     kinds = sorted(o["kind"] for o in objects.values())
-    # ConfigMap; each cluster (RayCluster and both RayJobs') has a head and a worker group; two submitters.
-    assert kinds == ["ConfigMap", "Job", "Job"] + ["PodTemplate"] * 6, kinds
+    # ConfigMap and Namespace; each cluster (RayCluster and both RayJobs') has a head and a worker
+    # group; two submitters.
+    assert kinds == ["ConfigMap", "Job", "Job", "Namespace"] + ["PodTemplate"] * 6, kinds
     for where, obj in objects.items():
         assert builtin_errors(obj) == [], where
 
@@ -410,6 +418,26 @@ def test_pods_are_restricted_and_bounded(target):
         autoscaler = spec.get("autoscalerOptions", {})  # KubeRay adds this sidecar to the head pod
         assert_restricted(f"{where}.autoscaler", autoscaler.get("securityContext"), pod_level=False)
         assert_resources(f"{where}.autoscaler", autoscaler.get("resources", {}))
+
+
+NAMESPACE = "vits-ray"
+PSS = "pod-security.kubernetes.io/"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_everything_is_in_a_namespace_that_enforces_restricted(target):
+    """The restricted standard is enforced by admission, not only met by our pods."""
+    docs = rendered(target)
+    (namespace,) = by_kind(docs, "Namespace")
+    assert namespace["metadata"]["name"] == NAMESPACE
+    labels = namespace["metadata"]["labels"]
+    assert labels[PSS + "enforce"] == "restricted"
+    assert labels[PSS + "audit"] == labels[PSS + "warn"] == "restricted"
+    assert labels.get(PSS + "enforce-version", "latest") == "latest" or \
+        re.fullmatch(r"v1\.\d+", labels[PSS + "enforce-version"])
+    for doc in docs:
+        if doc is not namespace:
+            assert doc["metadata"].get("namespace") == NAMESPACE, (doc["kind"], doc["metadata"]["name"])
 
 
 def test_overlays_choose_the_worker_flavour():
