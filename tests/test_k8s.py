@@ -36,7 +36,8 @@ K8S = REPO / "k8s"
 TARGETS = ["base", "overlays/dev-cpu", "overlays/gpu"]
 JOBS = {"vits-ray-train": "train", "vits-ray-sweep": "tune"}  # RayJob -> the CLI command it runs
 # (kind, name) -> its app.kubernetes.io/component label, by which README applies one object alone
-COMPONENTS = {("Namespace", "vits-ray"): "namespace", ("ConfigMap", "vits-ray-s3"): "config", ("RayCluster", "vits-ray"): "cluster",
+COMPONENTS = {("Namespace", "vits-ray"): "namespace", ("ServiceAccount", "vits-ray"): "identity",
+              ("ConfigMap", "vits-ray-s3"): "config", ("RayCluster", "vits-ray"): "cluster",
               ("RayJob", "vits-ray-train"): "train", ("RayJob", "vits-ray-sweep"): "sweep"}
 SECRET_ENV = {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}  # the CRD has no enum
@@ -194,7 +195,8 @@ def gpus(container) -> tuple:
 @pytest.mark.parametrize("target", TARGETS)
 def test_renders(target):
     docs = rendered(target)
-    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Namespace", "RayCluster", "RayJob", "RayJob"]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Namespace", "RayCluster", "RayJob", "RayJob",
+                                               "ServiceAccount"]
     assert {d["metadata"]["name"] for d in by_kind(docs, "RayJob")} == set(JOBS)
     assert not by_kind(docs, "Secret"), "Secrets are created by hand, never committed"
 
@@ -352,9 +354,9 @@ def builtin_errors(obj: dict) -> list[str]:
 def test_builtin_kinds_and_pod_templates_match_the_kubernetes_schemas(target):
     objects = dict(builtin_objects(rendered(target)))
     kinds = sorted(o["kind"] for o in objects.values())
-    # ConfigMap and Namespace; each cluster (RayCluster and both RayJobs') has a head and a worker
-    # group; two submitters.
-    assert kinds == ["ConfigMap", "Job", "Job", "Namespace"] + ["PodTemplate"] * 6, kinds
+    # ConfigMap, Namespace, ServiceAccount; each cluster (RayCluster and both RayJobs') has a head
+    # and a worker group; two submitters.
+    assert kinds == ["ConfigMap", "Job", "Job", "Namespace"] + ["PodTemplate"] * 6 + ["ServiceAccount"], kinds
     for where, obj in objects.items():
         assert builtin_errors(obj) == [], where
 
@@ -522,6 +524,38 @@ def test_readme_creates_the_token_secret_with_kuberays_key():
     assert created, "README does not say how to create the token Secret"
     for _, args in created:
         assert f"--from-literal={AUTH_SECRET_KEY}=" in args or f"--from-file={AUTH_SECRET_KEY}=" in args, args
+
+
+AWS_KEY_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+IRSA_ROLE = "eks.amazonaws.com/role-arn"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_s3_access_is_irsa_not_keys(target):
+    """Head and workers run as a ServiceAccount whose IAM role (IRSA) reaches S3; no pod reads an
+    AWS key, from a variable or from a Secret."""
+    docs = rendered(target)
+    (account,) = by_kind(docs, "ServiceAccount")
+    role = account["metadata"].get("annotations", {}).get(IRSA_ROLE, "")
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", role), role
+    for where, group, template in pod_templates(docs):
+        spec = template["spec"]
+        if not where.endswith(".submitter"):  # the submitter only talks to the dashboard
+            assert spec.get("serviceAccountName") == account["metadata"]["name"], where
+        for container in spec["containers"] + spec.get("initContainers", []):
+            names = {e["name"] for e in container.get("env", [])}
+            assert not names & AWS_KEY_ENV, f"{where}/{container['name']}: {names & AWS_KEY_ENV}"
+            assert not [s for s in container.get("envFrom", []) if "secretRef" in s], f"{where}/{container['name']}"
+    for entry in env_entries(docs):  # the autoscaler's env too
+        assert entry["name"] not in AWS_KEY_ENV, entry["name"]
+    for volume in (v for _, _, t in pod_templates(docs) for v in t["spec"].get("volumes", [])):
+        assert "secret" not in volume, volume["name"]
+
+
+def test_readme_puts_no_aws_key_on_a_command_line():
+    readme = (REPO / "README.md").read_text()
+    for name in AWS_KEY_ENV:
+        assert not re.search(rf"{name}=(?!\$)", readme), f"README puts {name} on a command line"
 
 
 def test_no_aws_key_is_committed():
