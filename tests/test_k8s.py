@@ -33,7 +33,7 @@ jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is needed to v
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
-TARGETS = ["base", "overlays/dev-cpu", "overlays/gpu"]
+TARGETS = ["base", "overlays/dev-cpu", "overlays/gpu", "overlays/karpenter"]
 JOBS = {"vits-ray-train": "train", "vits-ray-sweep": "tune"}  # RayJob -> the CLI command it runs
 # (kind, name) -> its app.kubernetes.io/component label, by which README applies one object alone
 COMPONENTS = {("Namespace", "vits-ray"): "namespace", ("ServiceAccount", "vits-ray"): "identity",
@@ -448,6 +448,80 @@ def test_overlays_choose_the_worker_flavour():
     assert gpu_groups("base") and gpu_groups("overlays/gpu")
     assert not gpu_groups("overlays/dev-cpu")
     assert "nvidia.com" not in yaml.safe_dump(rendered("overlays/dev-cpu"))
+
+
+# --- placement ------------------------------------------------------------------------------
+
+# The documented capacity-type labels a node carries: key -> (on-demand value, spot value).
+CAPACITY_TYPE = {"eks.amazonaws.com/capacityType": ("ON_DEMAND", "SPOT"),   # EKS managed node groups
+                 "karpenter.sh/capacity-type": ("on-demand", "spot")}       # Karpenter
+# Instance classes a worker group may name (node.kubernetes.io/instance-type): vCPU, GiB, GPUs.
+INSTANCES = {"g5.xlarge": (4, 16, 1)}
+# What a node keeps from its pods: EKS's kube-reserved (about 0.1 CPU; 255 MiB + 11 MiB per pod, 58
+# pods on a g5.xlarge), the kubelet's 100 MiB eviction threshold, the kernel's share of the nominal
+# memory and the DaemonSets (aws-node, kube-proxy, the NVIDIA device plugin, CSI): rounded up.
+SYSTEM_RESERVE = (0.5, 2.5)  # vCPU, GiB
+
+
+def memory_gib(quantity) -> float:
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(quantity)).groups()
+    scale = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    return float(number) * scale.get(unit, 1) / 2**30
+
+
+def capacity_type(where, selector: dict) -> str:
+    """'on-demand' or 'spot', from the one capacity-type label the pod selects on."""
+    keys = [k for k in selector if k in CAPACITY_TYPE]
+    assert len(keys) == 1, f"{where}: no capacity-type nodeSelector (one of {sorted(CAPACITY_TYPE)})"
+    on_demand, spot = CAPACITY_TYPE[keys[0]]
+    assert selector[keys[0]] in (on_demand, spot), f"{where}: {keys[0]}={selector[keys[0]]}"
+    return "on-demand" if selector[keys[0]] == on_demand else "spot"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_head_and_submitter_on_demand_gpu_workers_on_spot(target):
+    """A spot reclaim of the head (no GCS fault tolerance) or of the submitter ends the run; a
+    reclaimed worker only costs a resume from the last checkpoint. All pods use one label family."""
+    families = set()
+    for where, group, template in pod_templates(rendered(target)):
+        selector = template["spec"].get("nodeSelector", {})
+        families |= {k for k in selector if k in CAPACITY_TYPE}
+        wanted = "on-demand" if group is None else "spot"
+        assert capacity_type(where, selector) == wanted, where
+    assert len(families) == 1, families
+
+
+def launcher_gpu_worker() -> dict:
+    """cluster/aws.yaml's GPU node type (the `ray up` launcher), which the manifests must agree with."""
+    nodes = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())["available_node_types"]
+    gpu_nodes = [n for n in nodes.values() if n.get("resources", {}).get("GPU")]
+    assert len(gpu_nodes) == 1
+    return gpu_nodes[0]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_workers_fit_their_instance_class_with_its_system_reserve(target):
+    launcher = launcher_gpu_worker()
+    for where, group, template in pod_templates(rendered(target)):
+        if group is None:
+            continue
+        instance = template["spec"].get("nodeSelector", {}).get("node.kubernetes.io/instance-type")
+        container = template["spec"]["containers"][0]
+        if gpus(container)[1]:  # GPU workers name the instance class they are sized for
+            assert instance == launcher["node_config"]["InstanceType"], f"{where}: {instance}"
+            assert launcher["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+            assert int(gpus(container)[1]) == launcher["resources"]["GPU"] == INSTANCES[instance][2], where
+        if instance is None:
+            continue
+        vcpu, gib, _ = INSTANCES[instance]
+        requests = container["resources"]["requests"]
+        assert cpus(requests["cpu"]) <= vcpu - SYSTEM_RESERVE[0], f"{where}: {requests['cpu']} CPU on {instance}"
+        assert memory_gib(requests["memory"]) <= gib - SYSTEM_RESERVE[1], f"{where}: {requests['memory']} on {instance}"
+
+
+def test_launcher_head_is_on_demand_too():
+    nodes = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())["available_node_types"]
+    assert "InstanceMarketOptions" not in nodes["head"]["node_config"]
 
 
 def job_named(docs: list[dict], name: str) -> dict:
