@@ -519,6 +519,32 @@ def test_workers_fit_their_instance_class_with_its_system_reserve(target):
         assert memory_gib(requests["memory"]) <= gib - SYSTEM_RESERVE[1], f"{where}: {requests['memory']} on {instance}"
 
 
+# Ray (python/ray/_private/services.py, determine_plasma_store_config) puts the object store in
+# /dev/shm only when /dev/shm has more bytes free than the store; else in /tmp (on disk), or, for
+# an explicit size over 10 GB, it refuses to start. Its minimum is 75 MiB.
+OBJECT_STORE_MIN = 75 * 2**20
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_object_store_fits_in_dev_shm_in_every_group(target):
+    docs = rendered(target)
+    for where, spec in cluster_specs(docs):
+        groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        for name, group in groups:
+            pod = group["template"]["spec"]
+            store = group["rayStartParams"].get("object-store-memory")
+            assert store and str(store).isdigit(), f"{where}.{name}: object-store-memory not set in bytes"
+            store = int(store) / 2**30
+            (container,) = [c for c in pod["containers"] if c["name"].startswith("ray-")]
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            assert volume["emptyDir"]["medium"] == "Memory", f"{where}.{name}"
+            shm = memory_gib(volume["emptyDir"]["sizeLimit"])
+            assert OBJECT_STORE_MIN / 2**30 <= store < shm, f"{where}.{name}: store {store} GiB, /dev/shm {shm} GiB"
+            # A memory-backed /dev/shm is charged to the pod's memory limit.
+            assert shm < memory_gib(container["resources"]["limits"]["memory"]), f"{where}.{name}"
+
+
 def test_launcher_head_is_on_demand_too():
     nodes = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())["available_node_types"]
     assert "InstanceMarketOptions" not in nodes["head"]["node_config"]
