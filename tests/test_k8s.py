@@ -684,6 +684,29 @@ def test_ray_version_and_images_are_pinned(target):
                 f"{where}: image {image} does not pin Ray {ray}"
 
 
+def pinned_torch() -> str:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (version,) = [d.split("==")[1] for d in deps if d.startswith("torch==")]
+    return version
+
+
+def test_image_flavours_install_the_right_torch():
+    """The -cpu image (head, submitter) installs torch's CPU build of the pinned version, from
+    PyTorch's CPU index, and only when built as the CPU flavour; both flavours start from Ray's
+    plain image, so the GPU one's CUDA is torch's own (no CUDA toolkit in the base to disagree)."""
+    text = (REPO / "cluster" / "Dockerfile").read_text()
+    code = re.sub(r"\\\n\s*", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
+    assert re.search(rf"^ARG RAY_IMAGE=rayproject/ray:{re.escape(pinned_ray())}-py311$", code, re.M)
+    assert re.search(r"^ARG TORCH_FLAVOUR=gpu$", code, re.M)
+    (cpu,) = [ln for ln in code.splitlines() if "torch==" in ln and "pip install" in ln]
+    assert re.search(r'if \[ "\$TORCH_FLAVOUR" = cpu \]; then\s+pip install ', cpu), cpu
+    assert f"torch=={pinned_torch()}+cpu" in cpu.split(), cpu
+    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu, cpu
+    assert "TORCH_FLAVOUR=cpu" in text  # how to build it (the header's docker build line)
+    readme = (REPO / "README.md").read_text() + (REPO / "cluster" / "README.md").read_text()
+    assert re.search(r"driver\D{0,40}580", readme), "the minimum NVIDIA driver for CUDA 13 is not stated"
+
+
 def entrypoint_params(job: dict) -> dict:
     """The job's entrypoint parsed by the real click command it runs (`jobs/<command>.py`)."""
     from vits_ray.cli import main
