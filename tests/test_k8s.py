@@ -1,7 +1,8 @@
 """The KubeRay manifests under k8s/: render base and overlays, then check them offline.
 
-No cluster and no network. A tiny kustomize renderer lives here because CI has no kustomize binary;
-where `kubectl` or `kustomize` is installed, its output is compared with ours. The renderer supports
+No cluster and no network. A tiny kustomize renderer lives here so the checks need no kustomize
+binary (no maintained PyPI package brings one for Python 3.11); where `kubectl` or `kustomize` is
+installed (the google-cloud-cli `kubectl` carries kustomize), its output is compared with ours. The renderer supports
 only: `resources` (files or directories with a kustomization.yaml), `patches` with a `target`
 (kind and name only) and an inline JSON6902 op list (add / remove / replace), `namespace` (set on
 every object; a Namespace object is renamed to it, as kustomize does), and then, as kustomize
