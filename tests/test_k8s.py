@@ -1,9 +1,11 @@
 """The KubeRay manifests under k8s/: render base and overlays, then check them offline.
 
-No cluster and no network. A tiny kustomize renderer lives here because CI has no kustomize binary;
-where `kubectl` or `kustomize` is installed, its output is compared with ours. The renderer supports
+No cluster and no network. A tiny kustomize renderer lives here so the checks need no kustomize
+binary (no maintained PyPI package brings one for Python 3.11); where `kubectl` or `kustomize` is
+installed (the google-cloud-cli `kubectl` carries kustomize), its output is compared with ours. The renderer supports
 only: `resources` (files or directories with a kustomization.yaml), `patches` with a `target`
-(kind and name only) and an inline JSON6902 op list (add / remove / replace), and then, as kustomize
+(kind and name only) and an inline JSON6902 op list (add / remove / replace), `namespace` (set on
+every object; a Namespace object is renamed to it, as kustomize does), and then, as kustomize
 orders them, `replacements` that copy one field (a dotted path of map keys, scalar or not) of one
 object into fields of others. Anything else in a kustomization.yaml fails the test, so an
 unsupported feature can never be silently ignored.
@@ -32,10 +34,11 @@ jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is needed to v
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
-TARGETS = ["base", "overlays/dev-cpu", "overlays/gpu"]
+TARGETS = ["base", "overlays/dev-cpu", "overlays/gpu", "overlays/karpenter"]
 JOBS = {"vits-ray-train": "train", "vits-ray-sweep": "tune"}  # RayJob -> the CLI command it runs
 # (kind, name) -> its app.kubernetes.io/component label, by which README applies one object alone
-COMPONENTS = {("ConfigMap", "vits-ray-s3"): "config", ("RayCluster", "vits-ray"): "cluster",
+COMPONENTS = {("Namespace", "vits-ray"): "namespace", ("ServiceAccount", "vits-ray"): "identity",
+              ("ConfigMap", "vits-ray-s3"): "config", ("RayCluster", "vits-ray"): "cluster",
               ("RayJob", "vits-ray-train"): "train", ("RayJob", "vits-ray-sweep"): "sweep"}
 SECRET_ENV = {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}  # the CRD has no enum
@@ -115,7 +118,7 @@ def _replace(docs: list[dict], replacement: dict) -> None:
 
 def render(directory: Path) -> list[dict]:
     kz = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kz) - {"apiVersion", "kind", "resources", "patches", "replacements"}
+    unsupported = set(kz) - {"apiVersion", "kind", "resources", "patches", "namespace", "replacements"}
     assert not unsupported, f"{directory}: the test renderer does not support {sorted(unsupported)}"
     docs: list[dict] = []
     for entry in kz.get("resources", []):
@@ -137,6 +140,12 @@ def render(directory: Path) -> list[dict]:
         for doc in hits:
             for op in ops:
                 _apply_op(doc, op)
+    if "namespace" in kz:  # every object we render is namespaced, except the Namespace itself
+        for doc in docs:
+            if doc["kind"] == "Namespace":
+                doc["metadata"]["name"] = kz["namespace"]
+            else:
+                doc["metadata"]["namespace"] = kz["namespace"]
     for replacement in kz.get("replacements", []):  # after the patches, as kustomize runs them
         _replace(docs, replacement)
     return docs
@@ -187,7 +196,8 @@ def gpus(container) -> tuple:
 @pytest.mark.parametrize("target", TARGETS)
 def test_renders(target):
     docs = rendered(target)
-    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "RayCluster", "RayJob", "RayJob"]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Namespace", "RayCluster", "RayJob", "RayJob",
+                                               "ServiceAccount"]
     assert {d["metadata"]["name"] for d in by_kind(docs, "RayJob")} == set(JOBS)
     assert not by_kind(docs, "Secret"), "Secrets are created by hand, never committed"
 
@@ -345,8 +355,9 @@ def builtin_errors(obj: dict) -> list[str]:
 def test_builtin_kinds_and_pod_templates_match_the_kubernetes_schemas(target):
     objects = dict(builtin_objects(rendered(target)))
     kinds = sorted(o["kind"] for o in objects.values())
-    # ConfigMap; each cluster (RayCluster and both RayJobs') has a head and a worker group; two submitters.
-    assert kinds == ["ConfigMap", "Job", "Job"] + ["PodTemplate"] * 6, kinds
+    # ConfigMap, Namespace, ServiceAccount; each cluster (RayCluster and both RayJobs') has a head
+    # and a worker group; two submitters.
+    assert kinds == ["ConfigMap", "Job", "Job", "Namespace"] + ["PodTemplate"] * 6 + ["ServiceAccount"], kinds
     for where, obj in objects.items():
         assert builtin_errors(obj) == [], where
 
@@ -412,12 +423,132 @@ def test_pods_are_restricted_and_bounded(target):
         assert_resources(f"{where}.autoscaler", autoscaler.get("resources", {}))
 
 
+NAMESPACE = "vits-ray"
+PSS = "pod-security.kubernetes.io/"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_everything_is_in_a_namespace_that_enforces_restricted(target):
+    """The restricted standard is enforced by admission, not only met by our pods."""
+    docs = rendered(target)
+    (namespace,) = by_kind(docs, "Namespace")
+    assert namespace["metadata"]["name"] == NAMESPACE
+    labels = namespace["metadata"]["labels"]
+    assert labels[PSS + "enforce"] == "restricted"
+    assert labels[PSS + "audit"] == labels[PSS + "warn"] == "restricted"
+    assert labels.get(PSS + "enforce-version", "latest") == "latest" or \
+        re.fullmatch(r"v1\.\d+", labels[PSS + "enforce-version"])
+    for doc in docs:
+        if doc is not namespace:
+            assert doc["metadata"].get("namespace") == NAMESPACE, (doc["kind"], doc["metadata"]["name"])
+
+
 def test_overlays_choose_the_worker_flavour():
     def gpu_groups(target):
         return [g for _, g, t in pod_templates(rendered(target)) if g and any(gpus(c)[1] for c in t["spec"]["containers"])]
     assert gpu_groups("base") and gpu_groups("overlays/gpu")
     assert not gpu_groups("overlays/dev-cpu")
     assert "nvidia.com" not in yaml.safe_dump(rendered("overlays/dev-cpu"))
+
+
+# --- placement ------------------------------------------------------------------------------
+
+# The documented capacity-type labels a node carries: key -> (on-demand value, spot value).
+CAPACITY_TYPE = {"eks.amazonaws.com/capacityType": ("ON_DEMAND", "SPOT"),   # EKS managed node groups
+                 "karpenter.sh/capacity-type": ("on-demand", "spot")}       # Karpenter
+# Instance classes a worker group may name (node.kubernetes.io/instance-type): vCPU, GiB, GPUs.
+INSTANCES = {"g5.xlarge": (4, 16, 1)}
+# What a node keeps from its pods: EKS's kube-reserved (about 0.1 CPU; 255 MiB + 11 MiB per pod, 58
+# pods on a g5.xlarge), the kubelet's 100 MiB eviction threshold, the kernel's share of the nominal
+# memory and the DaemonSets (aws-node, kube-proxy, the NVIDIA device plugin, CSI): rounded up.
+SYSTEM_RESERVE = (0.5, 2.5)  # vCPU, GiB
+
+
+def memory_gib(quantity) -> float:
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(quantity)).groups()
+    scale = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    return float(number) * scale.get(unit, 1) / 2**30
+
+
+def capacity_type(where, selector: dict) -> str:
+    """'on-demand' or 'spot', from the one capacity-type label the pod selects on."""
+    keys = [k for k in selector if k in CAPACITY_TYPE]
+    assert len(keys) == 1, f"{where}: no capacity-type nodeSelector (one of {sorted(CAPACITY_TYPE)})"
+    on_demand, spot = CAPACITY_TYPE[keys[0]]
+    assert selector[keys[0]] in (on_demand, spot), f"{where}: {keys[0]}={selector[keys[0]]}"
+    return "on-demand" if selector[keys[0]] == on_demand else "spot"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_head_and_submitter_on_demand_gpu_workers_on_spot(target):
+    """A spot reclaim of the head (no GCS fault tolerance) or of the submitter ends the run; a
+    reclaimed worker only costs a resume from the last checkpoint. All pods use one label family."""
+    families = set()
+    for where, group, template in pod_templates(rendered(target)):
+        selector = template["spec"].get("nodeSelector", {})
+        families |= {k for k in selector if k in CAPACITY_TYPE}
+        wanted = "on-demand" if group is None else "spot"
+        assert capacity_type(where, selector) == wanted, where
+    assert len(families) == 1, families
+
+
+def launcher_gpu_worker() -> dict:
+    """cluster/aws.yaml's GPU node type (the `ray up` launcher), which the manifests must agree with."""
+    nodes = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())["available_node_types"]
+    gpu_nodes = [n for n in nodes.values() if n.get("resources", {}).get("GPU")]
+    assert len(gpu_nodes) == 1
+    return gpu_nodes[0]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_workers_fit_their_instance_class_with_its_system_reserve(target):
+    launcher = launcher_gpu_worker()
+    for where, group, template in pod_templates(rendered(target)):
+        if group is None:
+            continue
+        instance = template["spec"].get("nodeSelector", {}).get("node.kubernetes.io/instance-type")
+        container = template["spec"]["containers"][0]
+        if gpus(container)[1]:  # GPU workers name the instance class they are sized for
+            assert instance == launcher["node_config"]["InstanceType"], f"{where}: {instance}"
+            assert launcher["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+            assert int(gpus(container)[1]) == launcher["resources"]["GPU"] == INSTANCES[instance][2], where
+        if instance is None:
+            continue
+        vcpu, gib, _ = INSTANCES[instance]
+        requests = container["resources"]["requests"]
+        assert cpus(requests["cpu"]) <= vcpu - SYSTEM_RESERVE[0], f"{where}: {requests['cpu']} CPU on {instance}"
+        assert memory_gib(requests["memory"]) <= gib - SYSTEM_RESERVE[1], f"{where}: {requests['memory']} on {instance}"
+
+
+# Ray (python/ray/_private/services.py, determine_plasma_store_config) puts the object store in
+# /dev/shm only when /dev/shm has more bytes free than the store; else in /tmp (on disk), or, for
+# an explicit size over 10 GB, it refuses to start. Its minimum is 75 MiB.
+OBJECT_STORE_MIN = 75 * 2**20
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_object_store_fits_in_dev_shm_in_every_group(target):
+    docs = rendered(target)
+    for where, spec in cluster_specs(docs):
+        groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        for name, group in groups:
+            pod = group["template"]["spec"]
+            store = group["rayStartParams"].get("object-store-memory")
+            assert store and str(store).isdigit(), f"{where}.{name}: object-store-memory not set in bytes"
+            store = int(store) / 2**30
+            (container,) = [c for c in pod["containers"] if c["name"].startswith("ray-")]
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            assert volume["emptyDir"]["medium"] == "Memory", f"{where}.{name}"
+            shm = memory_gib(volume["emptyDir"]["sizeLimit"])
+            assert OBJECT_STORE_MIN / 2**30 <= store < shm, f"{where}.{name}: store {store} GiB, /dev/shm {shm} GiB"
+            # A memory-backed /dev/shm is charged to the pod's memory limit.
+            assert shm < memory_gib(container["resources"]["limits"]["memory"]), f"{where}.{name}"
+
+
+def test_launcher_head_is_on_demand_too():
+    nodes = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())["available_node_types"]
+    assert "InstanceMarketOptions" not in nodes["head"]["node_config"]
 
 
 def job_named(docs: list[dict], name: str) -> dict:
@@ -458,15 +589,74 @@ def env_entries(node):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_secrets_come_only_from_secret_refs(target):
-    entries = list(env_entries(rendered(target)))
-    names = {e["name"] for e in entries}
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"} <= names
-    for entry in entries:
+    for entry in env_entries(rendered(target)):
         if entry["name"] in SECRET_ENV:
             assert "value" not in entry, f"{entry['name']} has a literal value"
             assert "secretKeyRef" in entry.get("valueFrom", {}), f"{entry['name']} is not from a Secret"
-        if entry["name"] == "RAY_AUTH_MODE":
-            assert entry["value"] == "token"
+
+
+# The Secret KubeRay reads the token from (authOptions.secretName), and the one key it reads
+# (RAY_AUTH_TOKEN_SECRET_KEY in KubeRay 1.7's ray-operator/controllers/ray/utils/constant.go).
+AUTH_SECRET, AUTH_SECRET_KEY = "vits-ray-auth", "auth_token"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_token_auth_is_kuberays(target):
+    """Every cluster (the RayCluster and each RayJob's) has authOptions mode token with our Secret:
+    KubeRay then injects the token into every Ray pod and the submitter, and sends it with its own
+    dashboard calls. A token variable of ours would shadow the injected one, so there is none."""
+    docs = rendered(target)
+    specs = dict(cluster_specs(docs))
+    assert len(specs) == 3, sorted(specs)
+    for where, spec in specs.items():
+        assert spec.get("authOptions") == {"mode": "token", "secretName": AUTH_SECRET}, where
+    for entry in env_entries(docs):
+        assert not entry["name"].startswith("RAY_AUTH"), f"{entry['name']}: KubeRay injects it"
+        assert entry.get("valueFrom", {}).get("secretKeyRef", {}).get("name") != AUTH_SECRET, entry["name"]
+    for where, _, template in pod_templates(docs):
+        for container in template["spec"]["containers"]:
+            for source in container.get("envFrom", []):
+                assert source.get("secretRef", {}).get("name") != AUTH_SECRET, f"{where}/{container['name']}"
+
+
+def test_readme_creates_the_token_secret_with_kuberays_key():
+    readme = (REPO / "README.md").read_text()
+    created = re.findall(r"kubectl( -n \S+)? create secret generic " + AUTH_SECRET + r" ([^\n]+)", readme)
+    assert created, "README does not say how to create the token Secret"
+    for _, args in created:
+        assert f"--from-literal={AUTH_SECRET_KEY}=" in args or f"--from-file={AUTH_SECRET_KEY}=" in args, args
+
+
+AWS_KEY_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+IRSA_ROLE = "eks.amazonaws.com/role-arn"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_s3_access_is_irsa_not_keys(target):
+    """Head and workers run as a ServiceAccount whose IAM role (IRSA) reaches S3; no pod reads an
+    AWS key, from a variable or from a Secret."""
+    docs = rendered(target)
+    (account,) = by_kind(docs, "ServiceAccount")
+    role = account["metadata"].get("annotations", {}).get(IRSA_ROLE, "")
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", role), role
+    for where, group, template in pod_templates(docs):
+        spec = template["spec"]
+        if not where.endswith(".submitter"):  # the submitter only talks to the dashboard
+            assert spec.get("serviceAccountName") == account["metadata"]["name"], where
+        for container in spec["containers"] + spec.get("initContainers", []):
+            names = {e["name"] for e in container.get("env", [])}
+            assert not names & AWS_KEY_ENV, f"{where}/{container['name']}: {names & AWS_KEY_ENV}"
+            assert not [s for s in container.get("envFrom", []) if "secretRef" in s], f"{where}/{container['name']}"
+    for entry in env_entries(docs):  # the autoscaler's env too
+        assert entry["name"] not in AWS_KEY_ENV, entry["name"]
+    for volume in (v for _, _, t in pod_templates(docs) for v in t["spec"].get("volumes", [])):
+        assert "secret" not in volume, volume["name"]
+
+
+def test_readme_puts_no_aws_key_on_a_command_line():
+    readme = (REPO / "README.md").read_text()
+    for name in AWS_KEY_ENV:
+        assert not re.search(rf"{name}=(?!\$)", readme), f"README puts {name} on a command line"
 
 
 def test_no_aws_key_is_committed():
@@ -493,6 +683,29 @@ def test_ray_version_and_images_are_pinned(target):
             image = container["image"]
             assert re.fullmatch(rf"[\w./-]+/vits-ray:[\w.]+-ray{re.escape(ray)}-py311-(cpu|gpu)", image), \
                 f"{where}: image {image} does not pin Ray {ray}"
+
+
+def pinned_torch() -> str:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (version,) = [d.split("==")[1] for d in deps if d.startswith("torch==")]
+    return version
+
+
+def test_image_flavours_install_the_right_torch():
+    """The -cpu image (head, submitter) installs torch's CPU build of the pinned version, from
+    PyTorch's CPU index, and only when built as the CPU flavour; both flavours start from Ray's
+    plain image, so the GPU one's CUDA is torch's own (no CUDA toolkit in the base to disagree)."""
+    text = (REPO / "cluster" / "Dockerfile").read_text()
+    code = re.sub(r"\\\n\s*", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
+    assert re.search(rf"^ARG RAY_IMAGE=rayproject/ray:{re.escape(pinned_ray())}-py311$", code, re.M)
+    assert re.search(r"^ARG TORCH_FLAVOUR=gpu$", code, re.M)
+    (cpu,) = [ln for ln in code.splitlines() if "torch==" in ln and "pip install" in ln]
+    assert re.search(r'if \[ "\$TORCH_FLAVOUR" = cpu \]; then\s+pip install ', cpu), cpu
+    assert f"torch=={pinned_torch()}+cpu" in cpu.split(), cpu
+    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu, cpu
+    assert "TORCH_FLAVOUR=cpu" in text  # how to build it (the header's docker build line)
+    readme = (REPO / "README.md").read_text() + (REPO / "cluster" / "README.md").read_text()
+    assert re.search(r"driver\D{0,40}580", readme), "the minimum NVIDIA driver for CUDA 13 is not stated"
 
 
 def entrypoint_params(job: dict) -> dict:
