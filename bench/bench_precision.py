@@ -116,12 +116,11 @@ class OverflowTracer:
     """Where a backward pass first overflows: every leaf module's output gets a gradient hook that
     notes, in the order backward reaches them, whether the gradient arriving there is finite.
     Once one overflow happened, inf/NaN flows on into every module upstream, so only the first
-    non-finite arrival says where: the overflow arose in the backward of what consumed that output
-    (the module that ran next in the forward pass). Hooks check every gradient: slow, bench only."""
+    non-finite arrival says where: the gradient with respect to that module's output overflowed,
+    summed from what consumed it. Hooks check every gradient: slow, bench only."""
 
     def __init__(self, model):
         self.phase = 0  # which train_step call (0: D, 1: G) produced the tensors hooked now
-        self.forward_order: list[tuple[int, str]] = []
         self.arrivals: list[tuple[int, str, bool]] = []
         leaves = [(name, m) for name, m in model.named_modules() if name and not list(m.children())]
         for name, module in leaves:
@@ -130,7 +129,6 @@ class OverflowTracer:
     def _hook(self, name: str):
         def forward(_module, _inputs, output):
             phase = self.phase
-            self.forward_order.append((phase, name))
             for tensor in output if isinstance(output, (tuple, list)) else (output,):
                 if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
                     tensor.register_hook(lambda grad: self.arrivals.append(
@@ -138,19 +136,14 @@ class OverflowTracer:
         return forward
 
     def reset(self) -> None:
-        self.forward_order.clear()
         self.arrivals.clear()
 
     def generator_origin(self) -> str:
-        """The generator backward's first non-finite arrival, as 'output of X -> backward of Y'."""
+        """The module whose output received the generator backward's first non-finite gradient."""
         # The discriminator's own step backpropagates only what its phase-0 forward made of them.
         generator_backward = [(p, n, ok) for p, n, ok in self.arrivals if not (p == 0 and n.startswith("disc"))]
-        first = next(((p, n) for p, n, ok in generator_backward if not ok), None)
-        if first is None:
-            return ""
-        at = self.forward_order.index(first)
-        after = next((n for p, n in self.forward_order[at + 1:] if p == first[0]), "the loss")
-        return f"{after} (its input's gradient, from {first[1]})"
+        first = next((n for p, n, ok in generator_backward if not ok), None)
+        return f"gradient at the output of {first}" if first else ""
 
 
 def long_run(data: str, steps: int) -> dict:
@@ -220,11 +213,14 @@ def report(speeds: dict[str, dict[str, float]], run: dict, steps: int) -> None:
               f"{statistics.mean(r['loss_mel_fp32'] for r in part):.1f} |")
     leading = next((i for i, r in enumerate(rows) if not (r["skipped_0"] or r["skipped_1"])), len(rows))
     after = rows[leading:]
-    print(f"\nCalibration: {leading} skipped steps, 65536 -> {rows[leading]['scale'] if after else math.nan:g}. "
-          f"After it: {sum(r['skipped_0'] or r['skipped_1'] for r in after)} skipped of {len(after)} steps "
-          f"(D {sum(r['skipped_0'] for r in after)}, G {sum(r['skipped_1'] for r in after)}); "
-          f"scale min {min(r['scale'] for r in after):g}, max {max(r['scale'] for r in after):g}, "
-          f"last {rows[-1]['scale']:g}.")
+    if not after:
+        print(f"\nCalibration: not over after {len(rows)} steps (scale {rows[-1]['scale']:g}).")
+    else:
+        print(f"\nCalibration: {leading} skipped steps, 65536 -> {after[0]['scale']:g}. After it: "
+              f"{sum(r['skipped_0'] or r['skipped_1'] for r in after)} skipped of {len(after)} steps "
+              f"(D {sum(r['skipped_0'] for r in after)}, G {sum(r['skipped_1'] for r in after)}); "
+              f"scale min {min(r['scale'] for r in after):g}, max {max(r['scale'] for r in after):g}, "
+              f"last {rows[-1]['scale']:g}.")
     where = collections.Counter(m for r in rows for m in r["where"])
     print(f"Where the generator's backward first overflowed (steps): {dict(where.most_common()) or 'none'}")
 
