@@ -271,3 +271,17 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(prepared_demo,
     leaked = [p.name for p in logs_dir.rglob("*") if p.is_file() and secret in p.read_bytes()]
     assert not leaked, f"the S3 secret is in Ray's logs: {leaked}"
 
+
+
+def test_a_sweep_whose_trials_cannot_fit_is_refused_up_front(prepared_demo, ray_local, tmp_path):
+    """4 workers and the trial's driver need 4.01 CPUs; the local cluster has 4. Without the
+    check, Ray Train waits for the workers and times out again and again (the demo's continuation
+    sweep did, on 2 cores)."""
+    from vits_ray.train import TrainSetupError
+
+    job = sweep_job(tmp_path, str(prepared_demo), str(tmp_path / "sweeps"), "wide",
+                    '[parameters."optim.lr_gen"]\nvalues = [1e-4]\n', trials=1, workers=4)
+    with pytest.raises(TrainSetupError, match=r"a trial needs 4\.01 CPUs \(4 worker\(s\) x 1 and 0\.01 for its "
+                                              r"driver\) and this local Ray cluster has 4"):
+        run_sweep(job)
+    assert not (tmp_path / "sweeps" / "wide" / TRIALS_FILE).exists()

@@ -13,6 +13,8 @@ forward raises): the run rolls back to its last checkpoint and goes on, and the 
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 from vits_ray.config import Config, replace
@@ -42,6 +44,13 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, wo
     from vits_ray.tune.sweep import SweepJob, run_sweep
     from vits_ray.voice import load_voice
 
+    from vits_ray.train import ensure_ray
+    from vits_ray.tune.sweep import TRIAL_DRIVER_CPUS
+
+    # One logical CPU more than the cores: the sweep's trials continue the 2-worker run on 2
+    # workers, and each trial's driver holds TRIAL_DRIVER_CPUS beside them (logical CPUs only
+    # schedule; the cores are shared as ever).
+    ensure_ray(num_cpus=max(os.cpu_count() or 1, workers) + math.ceil(TRIAL_DRIVER_CPUS))
     out_dir = out_dir.resolve()
     corpus = out_dir / "corpus"
     shards = out_dir / "shards"

@@ -236,6 +236,36 @@ def _keep_credentials_out_of_trials() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - CREDENTIAL_ENV_VARS
 
 
+# What a trial's own driver (the Tune function that starts its Ray Train run) holds beside the
+# run's workers: Tune cannot schedule a trial on no resources at all.
+TRIAL_DRIVER_CPUS = 0.01
+
+
+def _check_a_trial_fits(sweep: SweepJob) -> None:
+    """Refuse, on a local cluster, a sweep none of whose trials can start. Ray Train would wait for
+    the workers' CPUs and time out again and again: e.g. a continuation of a 2-worker run on a
+    2-CPU machine, where the trial's driver already holds 0.01 of the 2 CPUs. A cluster in
+    RAY_ADDRESS may grow (autoscaling), so it is not judged by what it has now."""
+    import os
+
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    from vits_ray.train import TrainSetupError
+
+    have = ray.cluster_resources()
+    cpus = sweep.workers * sweep.cpus_per_worker + TRIAL_DRIVER_CPUS
+    if have.get("CPU", 0.0) < cpus:
+        raise TrainSetupError(
+            f"a trial needs {cpus:g} CPUs ({sweep.workers} worker(s) x {sweep.cpus_per_worker} and "
+            f"{TRIAL_DRIVER_CPUS} for its driver) and this local Ray cluster has {have.get('CPU', 0.0):g}: "
+            f"use fewer --workers, or start Ray with more CPUs (`ray start --head --num-cpus N`, then RAY_ADDRESS)")
+    if sweep.use_gpu and have.get("GPU", 0.0) < sweep.workers:
+        raise TrainSetupError(f"a trial needs {sweep.workers} GPU(s) and this local Ray cluster has "
+                              f"{have.get('GPU', 0.0):g}")
+
+
 def run_sweep(sweep: SweepJob, callbacks: tuple = ()) -> SweepOutcome:
     """Run (or resume) the sweep, then confirm its best trials over the long horizon; write
     trials.csv, confirmations.json and best.toml under STORAGE/SWEEP/.
@@ -256,9 +286,11 @@ def run_sweep(sweep: SweepJob, callbacks: tuple = ()) -> SweepOutcome:
     sweep = _with_start(sweep, sweep_store)
     preflight(trial_job(sweep, {}, "preflight"))  # data, storage and config, before any trial
     ensure_ray()
+    _check_a_trial_fits(sweep)
     _keep_credentials_out_of_trials()
     filesystem, root = store.ray_filesystem()
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(_run_trial, sweep=asdict(sweep)), {"CPU": 0.01})
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(_run_trial, sweep=asdict(sweep)),
+                                        {"CPU": TRIAL_DRIVER_CPUS})
     experiment = f"{root.rstrip('/')}/{sweep.name}" if root else sweep.name
     searcher = None
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
