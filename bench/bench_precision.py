@@ -33,18 +33,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tune import prepare_demo  # noqa: E402
+
 REDUCED = ["train.batch_size=1", "model.periods_multi_period_discriminator=[2]", "model.spec_segment_size=4"]
-
-
-def prepare(root: Path) -> str:
-    from vits_ray.config import load_config
-    from vits_ray.data.ingest import prepare_corpus
-    from vits_ray.demo.corpus import write_demo_corpus
-
-    corpus = write_demo_corpus(root / "corpus", n=40, seed=0)
-    prepare_corpus(corpus, "ljspeech", str(root / "shards"), load_config("tiny", ["data.rows_per_shard=8"]),
-                   progress=False)
-    return str(root / "shards")
 
 
 class Setup:
@@ -233,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
-        data = prepare(Path(tmp))
+        data = str(prepare_demo(Path(tmp), n=40))
         speeds = {} if args.skip_speed else {
             "tiny (batch 4, periods 2 and 3)": speed(data, [], args.speed_steps),
             "reduced (batch 1, period 2, segment 4)": speed(data, REDUCED, args.speed_steps)}

@@ -301,7 +301,10 @@ class AmpScaleMonitor:
                     "halving_steps": list(self._halvings), "window_steps": self.window_steps}
         return None
 
-    def end_calibration(self, step: int, scale: float) -> dict[str, Any]:
+    def count_calibration_skip(self) -> None:
+        self.calibration_skips += 1
+
+    def end_calibration(self, scale: float) -> dict[str, Any]:
         """The first step without an overflow: calibration is over. Its detail, for the event."""
         self.calibrating = False
         return {"skipped_steps": self.calibration_skips, "initial_scale": _json_float(self._calibration_from or scale),
@@ -446,7 +449,7 @@ class StabilityGuard:
         overflowed = bool(bad)
         if bad and losses_finite and self.amp.calibrating and metrics.get("amp_scale") is not None:
             # A fresh GradScaler overflowing while it looks for its level: counted, not trouble.
-            self.amp.calibration_skips += 1
+            self.amp.count_calibration_skip()
             bad = []
         if bad:
             self._nonfinite_run += 1
@@ -484,7 +487,7 @@ class StabilityGuard:
                 starts.append(min(collapse.get("halving_steps") or [step]))
             elif self.amp.calibrating and not overflowed:
                 events.append(Event(step, "amp_calibrated", series="amp_scale", value=float(metrics["amp_scale"]),
-                                    detail=self.amp.end_calibration(step, float(metrics["amp_scale"]))))
+                                    detail=self.amp.end_calibration(float(metrics["amp_scale"]))))
         if nonfinite is None and not reasons and self._judged_within_band():
             self._clean_through = step
         first_anomalous = self.first_anomalous(min(starts)) if reasons else None

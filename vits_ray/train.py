@@ -236,9 +236,15 @@ def _export_final(trainer) -> None:
 
 # --- the driver ---------------------------------------------------------------------------
 
+def _uses_grad_scaler(cfg: Config, use_gpu: bool) -> bool:
+    from vits_ray.step import Precision
+
+    return Precision.resolve(cfg.train.mixed_precision, "cuda" if use_gpu else "cpu").use_scaler
+
+
 def preflight(job: TrainJob) -> dict[str, Any]:
     """Fail before any worker starts: config, data and storage are checked here."""
-    from vits_ray.data.shards import read_manifest
+    from vits_ray.data.shards import read_manifest, sample_rate_mismatch
     from vits_ray.storage import StorageError, open_store
 
     try:
@@ -248,7 +254,7 @@ def preflight(job: TrainJob) -> dict[str, Any]:
     if job.workers < 1:
         raise TrainSetupError(f"--workers must be >= 1, got {job.workers}")
     overflows = [d for d in job.drills if d.kind == "overflow"]
-    if overflows and cfg.train.mixed_precision != "fp16" and not (cfg.train.mixed_precision == "auto" and job.use_gpu):
+    if overflows and not _uses_grad_scaler(cfg, job.use_gpu):
         raise TrainSetupError(f"--drill overflow@{overflows[0].step} rehearses the fp16 GradScaler: set "
                               f"train.mixed_precision=fp16 (it is {cfg.train.mixed_precision!r})")
     if not job.name or "/" in job.name:
@@ -263,9 +269,9 @@ def preflight(job: TrainJob) -> dict[str, Any]:
     if cfg.eval.every_steps and not any(s["split"] == "val" for s in manifest["shards"]):
         raise TrainSetupError(f"{job.data_uri} has no val split for eval.every_steps to measure quality on; "
                               "prepare it with data.val_fraction > 0, or set eval.every_steps=0")
-    if manifest.get("sample_rate") != cfg.audio.sample_rate:
-        raise TrainSetupError(f"{job.data_uri}: prepared at {manifest.get('sample_rate')} Hz but "
-                              f"audio.sample_rate is {cfg.audio.sample_rate}")
+    mismatch = sample_rate_mismatch(manifest, cfg.audio.sample_rate, job.data_uri)
+    if mismatch:
+        raise TrainSetupError(mismatch)
     _check_batches_per_epoch(job, cfg, manifest, quick)
     try:
         open_store(job.storage_uri, quick).check()

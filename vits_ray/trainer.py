@@ -149,7 +149,7 @@ class Trainer:
     """One rank's training state and loop. Build it, `run()` it, `close()` it."""
 
     def __init__(self, job, rank: int, world_size: int, device: torch.device, session: Session):
-        from vits_ray.data.shards import read_manifest
+        from vits_ray.data.shards import read_manifest, sample_rate_mismatch
         from vits_ray.model import build_model, build_optimizers
         from vits_ray.runlog import NullLogger, RunLogger
         from vits_ray.stability import StabilityGuard
@@ -162,10 +162,10 @@ class Trainer:
         self.precision = Precision.resolve(cfg.train.mixed_precision, device.type)
         self.data_store = open_store(job.data_uri, cfg.storage)
         self.manifest = read_manifest(self.data_store)
-        if self.manifest.get("sample_rate") != cfg.audio.sample_rate:
-            # preflight checks the run's recipe; a sweep trial's own settings are checked only here
-            raise ConfigError(f"{job.data_uri}: prepared at {self.manifest.get('sample_rate')} Hz but "
-                              f"audio.sample_rate is {cfg.audio.sample_rate}")
+        # preflight checks the run's recipe; a sweep trial's own settings are checked only here
+        mismatch = sample_rate_mismatch(self.manifest, cfg.audio.sample_rate, job.data_uri)
+        if mismatch:
+            raise ConfigError(mismatch)
         self.vocab = Vocabulary.from_dict(self.manifest["vocab"])
         # Coqui prints its audio settings at every build: twenty lines per trial of a sweep.
         with contextlib.redirect_stdout(io.StringIO()) if job.quiet else contextlib.nullcontext():

@@ -82,6 +82,13 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def sample_rate_mismatch(manifest: dict[str, Any], sample_rate: int, data_uri: str) -> str | None:
+    """Why shards prepared at the manifest's rate cannot train a recipe at `sample_rate`, or None."""
+    if manifest.get("sample_rate") == sample_rate:
+        return None
+    return f"{data_uri}: prepared at {manifest.get('sample_rate')} Hz but audio.sample_rate is {sample_rate}"
+
+
 def read_manifest(store: Store) -> dict[str, Any]:
     """The manifest of a prepared dataset; StorageError if there is none, ValueError if it is bad."""
     if not store.exists(MANIFEST):

@@ -40,12 +40,9 @@ def run_demo(out_dir: Path, config: Config, n: int = 40, max_steps: int = 40, wo
     from vits_ray.evaluate.pipeline import evaluate_model
     from vits_ray.onnx_export import export_onnx
     from vits_ray.synth import format_summary, speak_lines
-    from vits_ray.train import Drill, TrainJob, run_training
-    from vits_ray.tune.sweep import SweepJob, run_sweep
+    from vits_ray.train import Drill, TrainJob, ensure_ray, run_training
+    from vits_ray.tune.sweep import TRIAL_DRIVER_CPUS, SweepJob, run_sweep
     from vits_ray.voice import load_voice
-
-    from vits_ray.train import ensure_ray
-    from vits_ray.tune.sweep import TRIAL_DRIVER_CPUS
 
     # One logical CPU more than the cores: the sweep's trials continue the 2-worker run on 2
     # workers, and each trial's driver holds TRIAL_DRIVER_CPUS beside them (logical CPUs only
